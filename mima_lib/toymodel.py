@@ -30,6 +30,7 @@ class ToyModelConfig:
     text_layers: int = 2
     max_tokens: int = 16
     token_init_std: float = 1.0  # large on purpose: distinct prompts must give distinct states from step 0
+    mixing_init_std: float = 0.2  # large attention/MLP weights mix the concept word into EOS and padding states
     unet_channels: tuple[int, int] = (64, 128)
     unet_layers_per_block: int = 1
     attention_head_dim: int = 8
@@ -84,8 +85,14 @@ def build_text_encoder(tok: CLIPTokenizer, cfg: ToyModelConfig, seed: int = 0) -
                           max_position_embeddings=cfg.max_tokens, bos_token_id=tok.bos_token_id,
                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, projection_dim=cfg.text_dim)
     model = CLIPTextModel(conf)
+    # The encoder stays at this random initialisation (it is never trained). With CLIP's default 0.02 init
+    # every prompt gives nearly the same states (the conditioning pitfall of ENV_NOTES); large token
+    # embeddings keep the concept word's own state distinct, and large mixing weights carry it into EOS/pads.
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0.0, cfg.token_init_std)
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and ("self_attn" in name or "mlp" in name):
+                p.normal_(0.0, cfg.mixing_init_std)
     return model
 
 

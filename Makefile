@@ -1,0 +1,35 @@
+# The two commands of the README:
+#   make demo   run the main job on the embedded default (CPU, minutes)
+#   make test   run the test suite
+# Both create .venv on first use. TORCH_SPEC picks the torch build: the default is the CPU wheel
+# (an unpinned torch pulls a multi-GB CUDA build); on a GPU machine use e.g. TORCH_SPEC=torch.
+PYTHON ?= python3.11
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: demo test test-fast venv clean-runs
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m mima_lib.quality --n 4 --grid runs/default/concept_grid.png
+
+test: venv
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+clean-runs:
+	rm -rf runs

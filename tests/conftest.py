@@ -1,0 +1,29 @@
+"""Test settings shared by every test module: offline hub, one thread per process, the slow marker."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail in 2 s instead of 49 s of retries
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("MIMA_TEST_THREADS", "2")))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a couple of minutes on 2 CPU cores")
+
+
+@pytest.fixture(scope="session")
+def toy_pipe_factory():
+    """Load a fresh copy of the embedded toy model (each caller may modify its copy)."""
+    from mima_lib.models import load_pipeline
+
+    return lambda: load_pipeline("toy")
+
+
+@pytest.fixture(scope="session")
+def toy_oracle():
+    from mima_lib.models import load_toy_oracle
+
+    return load_toy_oracle()

@@ -1,0 +1,28 @@
+"""The embedded default meets its quality bar: the oracle is accurate, generations are recognisable,
+and a never-seen concept can be learned by LoRA (else immunization could not be demonstrated)."""
+import numpy as np
+import pytest
+
+from mima_lib import toyworld
+from mima_lib.oracle import held_out_accuracy
+from mima_lib.quality import adaptability, recognition, summarize
+
+
+def test_oracle_recognises_held_out_renders(toy_oracle):
+    acc = held_out_accuracy(toy_oracle, per_concept=20)
+    assert np.mean(list(acc.values())) >= 0.95, acc
+    assert min(acc.values()) >= 0.8, acc
+
+
+def test_generations_are_recognised_reduced_sample(toy_pipe_factory, toy_oracle):
+    # 4 generations per concept (the README's numbers use 16); bars lowered by sampling noise only
+    acc, images = recognition(toy_pipe_factory(), toy_oracle, toyworld.BASE_OBJECTS + toyworld.BASE_ARTISTS, n=4)
+    s = summarize(acc)
+    assert s["objects_mean"] >= 0.75, acc
+    assert s["artists_mean"] >= 0.65, acc
+
+
+def test_heldout_concept_is_learnable_with_lora(toy_pipe_factory, toy_oracle):
+    result = adaptability(toy_pipe_factory(), toy_oracle, "boat", n_eval=12)
+    assert result["before"] <= 0.25, result
+    assert result["after"] >= 0.6, result
