@@ -1,0 +1,145 @@
+"""One experiment = one parameter file = one run folder. Configuration and the paths every stage shares.
+
+A parameter file (papermill_params/*.yaml) holds the top-level keys below; every notebook's `parameters`
+cell receives the file's path and rebuilds the same validated ExperimentConfig from it, so a typo fails
+before any notebook starts (`python -m mima_lib.run` loads it first).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ConfigError, from_dict, load_yaml
+
+
+@dataclass
+class DataConfig:
+    immunization_images: int = field(default=20, metadata={"min": 1})
+    attack_images: int = field(default=20, metadata={"min": 1})
+    reference_images: int = field(default=20, metadata={"min": 1})
+    regularization_images: int = field(default=200, metadata={"min": 0})
+    regularization_prompt: str | None = None  # None: "artwork" / "a photo of an object" by concept kind
+    image_root: str | None = None  # real models: folder with one sub-folder of images per concept
+    sample_steps: int = field(default=25, metadata={"min": 1})
+    guidance: float = field(default=5.0, metadata={"min": 0.0})
+    batch_size: int = field(default=32, metadata={"min": 1})
+
+
+@dataclass
+class EraseConfig:
+    enabled: bool = True
+    lam: float = field(default=0.5, metadata={"min": 0.0})
+    guide: str | None = None  # None: the regularization prompt ("artwork" / "a photo of an object"); "" = empty
+    preserve_scale: float = field(default=1.0, metadata={"min": 0.0})
+    preserve: list[str] = field(default_factory=list)  # extra concepts to preserve (toy: all others by default)
+
+
+@dataclass
+class ImmunizeSection:
+    methods: list[str] = field(default_factory=lambda: ["mima", "imma-sequential", "imma-joint"],
+                               metadata={"choices": ("mima", "imma", "imma-sequential", "imma-joint")})
+    settings: dict = field(default_factory=dict)  # fields of immunize.ImmunizeConfig, shared by all methods
+    per_method: dict = field(default_factory=dict)  # method -> overrides of settings
+
+
+@dataclass
+class AttackSection:
+    methods: list[str] = field(default_factory=lambda: ["lora"],
+                               metadata={"choices": ("lora", "dreambooth", "textual_inversion", "custom_diffusion")})
+    settings: dict = field(default_factory=dict)  # method -> fields of that attack's settings dataclass
+    snapshot_steps: list[int] | None = None  # None: the method's default (10..40, plus 100/200/400 for LoRA)
+    n_images: int = field(default=8, metadata={"min": 1})  # generations per snapshot and concept
+    seeds: list[int] = field(default_factory=lambda: [0])  # attack seeds: the table's confidence interval
+
+
+@dataclass
+class EvaluateConfig:
+    extractors: list[str] = field(default_factory=lambda: ["oracle"],
+                                  metadata={"choices": ("oracle", "clip", "dino", "lpips")})
+    models: dict = field(default_factory=dict)  # extractor -> model id or local folder
+    utility_images: int = field(default=8, metadata={"min": 1})
+
+
+@dataclass
+class ExperimentConfig:
+    experiment: str = "toy-default"
+    model: str = "toy"
+    device: str = "auto"
+    seed: int = 0
+    task: str = field(default="relearning", metadata={"choices": ("relearning", "personalization")})
+    concepts: list[str] = field(default_factory=lambda: ["van gogh", "claude monet", "cat", "umbrella"])
+    prompts: dict = field(default_factory=dict)  # concept -> prompt, for concepts the toy world does not know
+    utility_concepts: list[str] = field(default_factory=list)  # non-targets whose quality must survive
+    data: DataConfig = field(default_factory=DataConfig)
+    erase: EraseConfig = field(default_factory=EraseConfig)
+    immunize: ImmunizeSection = field(default_factory=ImmunizeSection)
+    attack: AttackSection = field(default_factory=AttackSection)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    @property
+    def is_toy(self) -> bool:
+        return self.model in ("toy", "embedded", "default")
+
+
+def concept_prompt(cfg: ExperimentConfig, name: str) -> str:
+    """The prompt of a concept: the file's `prompts` entry, else the toy world's (re-learning) prompt."""
+    from . import toyworld
+
+    if name in cfg.prompts:
+        return cfg.prompts[name]
+    return toyworld.concept(name).prompt
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Checks that need more than types: concepts known, folders present, devices available."""
+    from . import toyworld
+    from .models import device_for
+
+    if not cfg.concepts:
+        raise ConfigError("concepts: the list is empty; name at least one concept to immunize")
+    if len(set(cfg.concepts)) != len(cfg.concepts):
+        raise ConfigError(f"concepts: duplicate names in {cfg.concepts}")
+    for name in cfg.concepts + cfg.utility_concepts:
+        if name in cfg.prompts:
+            continue
+        try:
+            toyworld.concept(name)
+        except KeyError as err:
+            raise ConfigError(f"concepts: {err.args[0]}; or give its prompt under `prompts:`") from None
+    if cfg.data.image_root is not None:
+        root = Path(cfg.data.image_root).expanduser()
+        if not root.is_dir():
+            raise ConfigError(f"data.image_root: folder {root} does not exist")
+        for name in cfg.concepts:
+            if not (root / slug(name)).is_dir():
+                raise ConfigError(f"data.image_root: no image folder {root / slug(name)} for concept {name!r}")
+    elif not cfg.is_toy and cfg.task == "personalization":
+        raise ConfigError("data.image_root: personalization of a real model needs the concepts' images; "
+                          "set data.image_root to a folder with one sub-folder per concept")
+    if not cfg.is_toy and os.path.sep in cfg.model and not Path(cfg.model).expanduser().exists():
+        raise ConfigError(f"model: path {cfg.model} does not exist")
+    if cfg.task == "personalization" and cfg.erase.enabled and cfg.erase.preserve:
+        raise ConfigError("erase: personalization concepts are new; set erase.enabled: false")
+    try:
+        device_for(cfg.device)
+    except RuntimeError as err:
+        raise ConfigError(f"device: {err}") from None
+    return cfg
+
+
+def load_experiment(params_file: str | Path) -> ExperimentConfig:
+    data = load_yaml(params_file)
+    try:
+        return validate(from_dict(ExperimentConfig, data))
+    except ConfigError as err:
+        raise ConfigError(f"{params_file}: {err}") from None
+
+
+def run_dir_for(cfg: ExperimentConfig, run_root: str | Path = "runs") -> Path:
+    return Path(run_root) / slug(cfg.experiment)

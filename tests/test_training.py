@@ -1,0 +1,74 @@
+"""The shared training loop resumes bit for bit, also after a real kill of the training process."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mima_lib.training import TrainConfig, lr_factor, train
+
+HELPER = Path(__file__).parent / "helpers" / "train_small.py"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _quadratic_problem():
+    w = torch.nn.Parameter(torch.zeros(5))
+    target = torch.arange(5.0)
+
+    def step_fn(step, gen):
+        noise = torch.randn(5, generator=gen) * 0.1  # sampling must come from the loop's generator
+        return ((w - target - noise) ** 2).sum()
+
+    return w, step_fn
+
+
+def test_resume_in_process_equals_uninterrupted(tmp_path):
+    w, fn = _quadratic_problem()
+    full = train(fn, {"w": w}, TrainConfig(steps=10, lr=0.1, seed=1), progress=False)
+    reference = w.detach().clone()
+    w2, fn2 = _quadratic_problem()
+    train(fn2, {"w": w2}, TrainConfig(steps=6, lr=0.1, seed=1, checkpoint_every=3), tmp_path, progress=False)
+    w3, fn3 = _quadratic_problem()  # a fresh process would start from scratch like this
+    resumed = train(fn3, {"w": w3}, TrainConfig(steps=10, lr=0.1, seed=1, checkpoint_every=3), tmp_path,
+                    progress=False)
+    assert resumed.resumed_from == 6
+    assert torch.equal(w3.detach(), reference)
+    assert resumed.losses == full.losses
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup=10, schedule="cosine")
+    assert lr_factor(0, cfg) == 0.1 and lr_factor(9, cfg) == 1.0
+    assert abs(lr_factor(55, cfg) - 0.5) < 1e-9 and lr_factor(100, cfg) < 1e-9
+
+
+def _run(out, steps, pause=0.0):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(HELPER), str(out), str(steps), str(pause)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_killed_run_resumes_bitwise(tmp_path):
+    steps = 12
+    clean = _run(tmp_path / "clean", steps)
+    assert clean.wait(timeout=300) == 0, clean.stderr.read().decode()[-2000:]
+    victim = _run(tmp_path / "killed", steps, pause=0.3)
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill it mid-run, after a few checkpoints were written
+        if ckpt.exists() and torch.load(ckpt, weights_only=False)["step"] >= 4:
+            break
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed" / "final.pt").exists(), "the run finished before it could be killed"
+    resumed = _run(tmp_path / "killed", steps)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    a = torch.load(tmp_path / "clean" / "final.pt", weights_only=False)
+    b = torch.load(tmp_path / "killed" / "final.pt", weights_only=False)
+    assert a["losses"] == b["losses"]
+    for k in a["params"]:
+        assert torch.equal(a["params"][k], b["params"][k]), k
