@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 ASSETS = Path(__file__).parent / "assets"
-TOY_MODEL = ASSETS / "toy_sd"
-TOY_ORACLE = ASSETS / "toy_oracle"
+# MIMA_TOY_MODEL / MIMA_TOY_ORACLE point at a rebuilt toy model (python -m mima_lib.build_toy --out DIR)
+TOY_MODEL = Path(os.environ.get("MIMA_TOY_MODEL", ASSETS / "toy_sd"))
+TOY_ORACLE = Path(os.environ.get("MIMA_TOY_ORACLE", ASSETS / "toy_oracle"))
 EMBEDDED = ("toy", "embedded", "default")
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -27,11 +28,23 @@ def _check_local_folder(folder: Path) -> None:
         raise FileNotFoundError(f"model folder {folder} lacks {missing}; re-save it with pipe.save_pretrained()")
 
 
-def load_pipeline(model: str | os.PathLike = "toy", dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_pipeline(model: str | os.PathLike = "toy", dtype: torch.dtype = torch.float32, device: str = "cpu",
+                  progress: bool = False):
     """Load a StableDiffusionPipeline by name ('toy'), local folder, or hub id; errors name the fix."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    bars = (diffusers_logging.enable_progress_bar, transformers_logging.enable_progress_bar) if progress else \
+        (diffusers_logging.disable_progress_bar, transformers_logging.disable_progress_bar)
+    for switch in bars:  # loading a toy pipeline takes 0.1 s: its progress bars are noise in notebooks
+        switch()
+    return _load_pipeline(str(model), dtype, device)
+
+
+def _load_pipeline(model: str, dtype: torch.dtype, device: str):
     from diffusers import StableDiffusionPipeline
 
-    name = str(model)
+    name = model
     if name in EMBEDDED:
         folder = TOY_MODEL
         if not folder.exists():
@@ -48,14 +61,14 @@ def load_pipeline(model: str | os.PathLike = "toy", dtype: torch.dtype = torch.f
     if folder is not None:
         _check_local_folder(folder)
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
+            pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, safety_checker=None,
                                                            requires_safety_checker=False, local_files_only=True)
         except (OSError, ValueError, RuntimeError) as err:
             raise RuntimeError(f"could not load the pipeline in {folder} (corrupt or incomplete weights?): {err}") \
                 from err
         return pipe.to(device)
     try:  # a hub id such as CompVis/stable-diffusion-v1-4
-        pipe = StableDiffusionPipeline.from_pretrained(name, torch_dtype=dtype, safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained(name, dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
     except OSError as err:
         raise RuntimeError(

@@ -1,0 +1,138 @@
+"""Artifacts of a run: written atomically (temp file + rename), described by a manifest.
+
+A stage writes its outputs into one folder and, last, `manifest.json`: the settings that produced them,
+library versions, the seed and a hash of every file. A later stage (or a re-run) calls `check_manifest`:
+missing manifest = the stage never finished (its outputs are redone); settings that differ from the
+ones asked for = refuse with a message, instead of mixing results of two configurations.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+MANIFEST = "manifest.json"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_image(image, path: str | Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                metadata={k: str(v) for k, v in (metadata or {}).items()})
+    atomic_write_bytes(path, data)
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run the stage that writes it first")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types on truncated files
+        raise RuntimeError(f"{path} is corrupt or incomplete ({err}); delete it and re-run its stage") from err
+
+
+def apply_unet_params(unet, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved parameters into a UNet in place, checking that every name and shape belongs to it."""
+    own = dict(unet.named_parameters())
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise ValueError(f"{len(unknown)} saved parameters are not in this UNet (e.g. {unknown[0]}): "
+                         "they were made for another model")
+    bad = [k for k, v in state.items() if v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"shape mismatch for {bad[0]}: saved {tuple(state[bad[0]].shape)}, model "
+                         f"{tuple(own[bad[0]].shape)}; the weights were made for another model")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v.to(own[k].device, own[k].dtype))
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def versions() -> dict:
+    import diffusers
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "mima_lib": __import__("mima_lib").__version__}
+
+
+def write_manifest(folder: str | Path, settings: dict, seed: int | None = None, extra: dict | None = None) -> dict:
+    """Record settings, versions, seed and file hashes; written last, so it marks the stage complete."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
+    manifest = {"settings": settings, "seed": seed, "versions": versions(),
+                "files": {str(p.relative_to(folder)): file_hash(p) for p in files}, **(extra or {})}
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True, default=str))
+    return manifest
+
+
+def read_manifest(folder: str | Path) -> dict | None:
+    path = Path(folder) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+class ManifestMismatch(RuntimeError):
+    pass
+
+
+def check_manifest(folder: str | Path, settings: dict, verify_files: bool = False) -> bool:
+    """True if folder holds a finished stage made with these settings; False if it never finished.
+
+    Raises ManifestMismatch (naming the differing keys) if it finished with other settings, and with
+    verify_files=True if a file changed since (hash mismatch) or is gone.
+    """
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return False
+    old = json.loads(json.dumps(manifest["settings"], sort_keys=True, default=str))
+    new = json.loads(json.dumps(settings, sort_keys=True, default=str))
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ManifestMismatch(f"{folder} was made with other settings (differing: {diff}); use force=True "
+                               "(--force) to redo it, or another experiment name to keep both")
+    if verify_files:
+        for rel, digest in manifest["files"].items():
+            p = Path(folder) / rel
+            if not p.exists() or file_hash(p) != digest:
+                raise ManifestMismatch(f"{p} changed or vanished since its stage finished; re-run with force")
+    return True
