@@ -97,7 +97,7 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
         k = unknown[0]
         close = difflib.get_close_matches(str(k), list(fields), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {sorted(fields)}"
-        raise ConfigError(f"unknown key {prefix}{k!r}{hint}")
+        raise ConfigError(f"unknown key '{prefix}{k}'{hint}")
     kwargs = {}
     for name, f in fields.items():
         if name not in data:

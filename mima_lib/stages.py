@@ -105,7 +105,9 @@ def _concept_images(cfg: ExperimentConfig, pipe, name: str, k: int) -> dict:
     n_imm, n_att = d.immunization_images, d.attack_images
     ims = tensor_to_images(generate(pipe, [prompt] * (n_imm + n_att), list(range(base, base + n_imm + n_att)),
                                     d.sample_steps, d.guidance, d.batch_size))
-    ref = toyworld.render_many(name, d.reference_images, 30_000) if name not in cfg.prompts else ims[n_imm:]
+    # references: the renderer's ground truth on the toy world; a real model's own pre-erasure images otherwise
+    ref = toyworld.render_many(name, d.reference_images, 30_000) if cfg.is_toy and name not in cfg.prompts \
+        else ims[n_imm:]
     return {"immunize": ims[:n_imm], "attack": ims[n_imm:], "reference": ref}
 
 
