@@ -36,7 +36,7 @@ class BuildConfig:
     unet_batch: int = 32
     unet_lr: float = 5e-4
     cfg_dropout: float = 0.1
-    oracle_steps: int = 1500
+    oracle_steps: int = 400
     include_heldout: bool = False  # True only for ablations: the held-out concepts test adaptability
 
 
