@@ -55,7 +55,8 @@ def noise_prediction_loss(unet, noise_scheduler, latents: torch.Tensor, text_sta
     else:
         target = noise
     pred = unet(noisy, t, text_states).sample
-    per_example = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    dtype = torch.promote_types(pred.dtype, torch.float32)  # fp16/bf16 -> fp32; float64 stays (gradcheck)
+    per_example = (pred.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(1)
     return per_example if reduction == "none" else per_example.mean()
 
 
