@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) -m mima_lib.quality --n 4 --grid runs/default/concept_grid.png
+	$(PY) -m mima_lib.run papermill_params/default.yaml
 
 test: venv
 	$(PY) -m pytest -q

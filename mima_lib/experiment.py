@@ -130,7 +130,28 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         device_for(cfg.device)
     except RuntimeError as err:
         raise ConfigError(f"device: {err}") from None
+    _validate_method_settings(cfg)
     return cfg
+
+
+def _validate_method_settings(cfg: ExperimentConfig) -> None:
+    """The immunize and attack sections hold each method's own settings: check them now, not mid-run."""
+    from .attacks import make_settings
+    from .stages import immunize_config
+
+    for method in cfg.immunize.methods:
+        immunize_config(cfg, method)
+    unknown = sorted(set(cfg.immunize.per_method) - set(cfg.immunize.methods))
+    if unknown:
+        raise ConfigError(f"immunize.per_method: {unknown} are not in immunize.methods {cfg.immunize.methods}")
+    unknown = sorted(set(cfg.attack.settings) - set(cfg.attack.methods))
+    if unknown:
+        raise ConfigError(f"attack.settings: {unknown} are not in attack.methods {cfg.attack.methods}")
+    for method in cfg.attack.methods:
+        try:
+            make_settings(method, cfg.attack.settings.get(method), "toy" if cfg.is_toy else "paper")
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"attack.settings.{method}: {err}") from None
 
 
 def load_experiment(params_file: str | Path) -> ExperimentConfig:

@@ -74,12 +74,19 @@ def test_runner_refuses_bad_file_before_any_notebook(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()  # nothing started, nothing written
 
 
-def test_immunize_settings_are_checked_by_the_stage(tmp_path):
-    from mima_lib.stages import immunize_config
-
-    cfg = load_experiment(_write(tmp_path, {"concepts": ["cat"], "immunize": {"settings": {"inner_param": "unet"}}}))
+def test_immunize_settings_are_checked_before_running(tmp_path):
     with pytest.raises(ConfigError, match="unknown keys \\['inner_param'\\]"):
-        immunize_config(cfg, "mima")
-    cfg = load_experiment(_write(tmp_path, {"concepts": ["cat"], "immunize": {"settings": {"outer_params": "all"}}}))
+        load_experiment(_write(tmp_path, {"concepts": ["cat"], "immunize": {"settings": {"inner_param": "unet"}}}))
     with pytest.raises(ConfigError, match="outer"):
-        immunize_config(cfg, "mima")
+        load_experiment(_write(tmp_path, {"concepts": ["cat"], "immunize": {"settings": {"outer_params": "all"}}}))
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"concepts": ["cat"], "attack": {"methods": ["lora"], "settings": {"lora": {"rnak": 4}}}}, "attack.settings.lora: .*rnak"),
+    ({"concepts": ["cat"], "attack": {"methods": ["lora"], "settings": {"dreambooth": {}}}}, "not in attack.methods"),
+    ({"concepts": ["cat"], "immunize": {"settings": {"order": 3}}}, "order"),
+    ({"concepts": ["cat"], "immunize": {"methods": ["mima"], "per_method": {"imma-joint": {}}}}, "not in immunize.methods"),
+])
+def test_method_settings_are_checked_before_running(tmp_path, data, match):
+    with pytest.raises(ConfigError, match=match):
+        load_experiment(_write(tmp_path, data))
