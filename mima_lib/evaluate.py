@@ -131,7 +131,8 @@ def sgr_table(curves_by_seed, baseline: str = BASELINE, extractor: str = "") -> 
                     msgr_vals.setdefault(step, [0.0] * len(runs))[i] += v / len(per_concept)
         full = [s for s in msgr_vals if all(s in c for c in per_concept.values())]  # steps every concept has
         rows += [_row(extractor, method, "all", s, "MSGR", msgr_vals[s]) for s in sorted(full)]
-    return rows
+    order = {"M": 0, "SGR": 1, "MSGR": 2}
+    return sorted(rows, key=lambda r: order[r["metric"]])  # stable: methods, concepts, steps keep their order
 
 
 def paper_table(rows: list[dict], step: int, metric: str = "SGR", percent: bool = True) -> list[dict]:

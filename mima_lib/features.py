@@ -44,13 +44,13 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _download_hint(model: str, what: str) -> str:
-    return (f"{what} weights {model!r} could not be loaded: they are not in the local Hugging Face cache and the "
-            f"hub is unreachable (or HF_HUB_OFFLINE=1 is set). Where the hub is reachable run "
-            f"`hf download {model}` (older hubs: `huggingface-cli download {model}`), which fills the cache, "
-            f"or download it to a folder and pass that folder as the extractor's path.")
+    return (f"{what} {model!r} could not be loaded: not in the local Hugging Face cache, and the hub is "
+            f"unreachable (or HF_HUB_OFFLINE=1 is set). Where the hub is reachable run `hf download {model}` "
+            f"(older hubs: `huggingface-cli download {model}`) to fill the cache, or "
+            f"`hf download {model} --local-dir DIR` and pass DIR as the extractor's path.")
 
 
-def pretrained(loader, model: str, what: str, **kwargs):
+def load_pretrained(loader, model: str, what: str, **kwargs):
     """Call `loader.from_pretrained(model)`, turning missing-weights errors into one clear MissingWeightsError."""
     if _looks_like_path(model):
         folder = Path(model).expanduser()
@@ -60,10 +60,12 @@ def pretrained(loader, model: str, what: str, **kwargs):
         model = str(folder)
     try:
         return loader.from_pretrained(model, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         if Path(model).is_dir():
             raise MissingWeightsError(f"{what} folder {model!r} is incomplete ({err}); re-save it with "
                                       "save_pretrained (model and image processor)") from err
+        if isinstance(err, ValueError):
+            raise
         raise MissingWeightsError(f"{_download_hint(model, what)} Original error: {err}") from err
 
 
@@ -98,7 +100,7 @@ class _HFImageExtractor(EmbeddingExtractor):
 
         self.model_name, self.device, self.batch_size = str(model), device, batch_size
         self.model = self._load_model(self.model_name).to(device).eval()
-        self.processor = pretrained(AutoImageProcessor, self.model_name, f"{self.what} image processor")
+        self.processor = load_pretrained(AutoImageProcessor, self.model_name, f"{self.what} image processor")
 
     def _load_model(self, model: str):
         raise NotImplementedError
@@ -129,7 +131,7 @@ class ClipExtractor(_HFImageExtractor):
     def _load_model(self, model):
         from transformers import CLIPModel
 
-        return pretrained(CLIPModel, model, "CLIP")
+        return load_pretrained(CLIPModel, model, "CLIP weights")
 
     def _features(self, pixel_values):
         return _vector(self.model.get_image_features(pixel_values=pixel_values))
@@ -139,7 +141,7 @@ class ClipExtractor(_HFImageExtractor):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = pretrained(AutoTokenizer, self.model_name, "CLIP tokenizer")
+            self._tokenizer = load_pretrained(AutoTokenizer, self.model_name, "CLIP tokenizer")
         return self._tokenizer
 
     @torch.no_grad()
@@ -169,10 +171,10 @@ class DinoExtractor(_HFImageExtractor):
     def _load_model(self, model):
         from transformers import AutoConfig, AutoModel, ViTModel
 
-        config = pretrained(AutoConfig, model, "DINO config")
+        config = load_pretrained(AutoConfig, model, "DINO weights")
         if config.model_type == "vit":  # DINO v1 checkpoints have no pooler: don't create a random one
-            return pretrained(ViTModel, model, "DINO", add_pooling_layer=False)
-        return pretrained(AutoModel, model, "DINO")
+            return load_pretrained(ViTModel, model, "DINO weights", add_pooling_layer=False)
+        return load_pretrained(AutoModel, model, "DINO weights")
 
     def _features(self, pixel_values):
         return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]

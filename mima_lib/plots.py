@@ -15,15 +15,18 @@ from .diffusion import image_grid, tensor_to_images
 
 
 def plot_similarity_curves(rows: list[dict], metric: str = "M", concepts: list[str] | None = None,
-                           methods: list[str] | None = None, path=None, title: str | None = None, ncols: int = 4):
+                           methods: list[str] | None = None, extractor: str | None = None, path=None,
+                           title: str | None = None, ncols: int = 4):
     """One panel per concept (plus 'all' for MSGR): mean over seeds vs step per method, 95% CI shaded.
 
     rows: `evaluate.sgr_table` output. metric: 'M' (raw similarity of every run, the no-defense one included),
-    'SGR', or 'MSGR' (one panel).
+    'SGR', or 'MSGR' (one panel). extractor: which one, when the rows hold several.
     """
-    rows = [r for r in rows if r["metric"] == metric]
+    rows = [r for r in rows if r["metric"] == metric and extractor in (None, r.get("extractor"))]
     if not rows:
-        raise ValueError(f"plot_similarity_curves: no rows with metric {metric!r}")
+        raise ValueError(f"plot_similarity_curves: no rows with metric {metric!r} (extractor {extractor!r})")
+    if len({r.get("extractor") for r in rows}) > 1:
+        raise ValueError("plot_similarity_curves: rows of several extractors; pick one with extractor=")
     concepts = concepts or list(dict.fromkeys(r["concept"] for r in rows))
     methods = methods or list(dict.fromkeys(r["method"] for r in rows))
     ncols = min(ncols, len(concepts))
@@ -47,6 +50,7 @@ def plot_similarity_curves(rows: list[dict], metric: str = "M", concepts: list[s
         ax.set_xlabel("adaptation step", fontsize=8)
         ax.set_ylabel(label, fontsize=8)
         ax.tick_params(labelsize=7)
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(concepts):]:
         ax.axis("off")
@@ -95,3 +99,33 @@ def _with_header(grid: Image.Image, headers: list[str], cell_w: int, path) -> Im
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         out.save(path)
     return out
+
+
+def write_report(folder, name: str, rows: list[dict], snapshots: dict | None = None, step: int | None = None,
+                 index: int = 0) -> list[Path]:
+    """Everything an experiment ends with, in one folder: the tidy table (CSV + markdown), the paper-style SGR
+    table at `step` (default: the last), M / SGR / MSGR curves per extractor, and method x step grids.
+
+    rows: `evaluate.sgr_table` output (rows of several extractors may be concatenated).
+    snapshots: {concept: {method: AttackResult or {step: images}}} for the grids (optional).
+    """
+    from .evaluate import paper_table, write_table
+
+    folder = Path(folder)
+    written = list(write_table(rows, folder, name))
+    step = max(r["step"] for r in rows) if step is None else step
+    for ext in dict.fromkeys(r.get("extractor", "") for r in rows):
+        sub = [r for r in rows if r.get("extractor", "") == ext]
+        tag = f"{name}_{ext}" if ext else name
+        if any(r["metric"] == "SGR" for r in sub):
+            written += list(write_table(paper_table(sub, step), folder, f"{tag}_sgr_step{step}"))
+        for metric in ("M", "SGR", "MSGR"):
+            if any(r["metric"] == metric for r in sub):
+                path = folder / f"{tag}_{metric.lower()}.png"
+                plot_similarity_curves(sub, metric, path=path, title=f"{name}: {metric} ({ext or 'similarity'})")
+                written.append(path)
+    for concept, runs in (snapshots or {}).items():
+        path = folder / f"{name}_grid_{concept.replace(' ', '_')}.png"
+        method_step_grid(runs, index=index, path=path)
+        written.append(path)
+    return written

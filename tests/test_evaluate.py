@@ -132,7 +132,7 @@ def test_toy_numbers_reproducible_and_step0_sgr_zero():
 def test_plots_write_pngs(tmp_path):
     from PIL import Image
 
-    from mima_lib.plots import method_step_grid, plot_similarity_curves
+    from mima_lib.plots import method_step_grid, plot_similarity_curves, write_report
 
     rows = ev.sgr_table(toy_curves(random_oracle(0), seeds=(0,)), extractor="oracle")
     fig = plot_similarity_curves(rows, "M", path=tmp_path / "m.png")
@@ -142,6 +142,12 @@ def test_plots_write_pngs(tmp_path):
     grid = method_step_grid(runs, scale=2, path=tmp_path / "grid.png")
     assert Image.open(tmp_path / "grid.png").size == grid.size
     assert grid.height == 3 * 32 * 2 + 14 and grid.width >= 2 * 32 * 2
+    written = write_report(tmp_path / "report", "relearn", rows, {"cat": runs})
+    names = sorted(p.name for p in written)
+    assert names == sorted(["relearn.csv", "relearn.md", "relearn_oracle_sgr_step10.csv",
+                            "relearn_oracle_sgr_step10.md", "relearn_oracle_m.png", "relearn_oracle_sgr.png",
+                            "relearn_oracle_msgr.png", "relearn_grid_cat.png"])
+    assert all(p.stat().st_size > 0 for p in written)
 
 
 def test_utility_rows():
