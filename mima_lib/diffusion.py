@@ -85,15 +85,15 @@ def image_grid(images, rows: int, cols: int, scale: int = 1, labels: list[str] |
     if isinstance(images, torch.Tensor):
         images = tensor_to_images(images)
     w, h = images[0].size
-    pad = 0 if labels is None else 8 * max(len(s) for s in labels) // scale + 4
+    pad = 0 if labels is None else 7 * max(len(s) for s in labels) // scale + 4
     grid = Image.new("RGB", (pad + cols * w, rows * h), (255, 255, 255))
     for k, im in enumerate(images[:rows * cols]):
         grid.paste(im, (pad + (k % cols) * w, (k // cols) * h))
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
     if labels is not None:
-        from PIL import ImageDraw
+        from PIL import ImageDraw, ImageFont
 
-        d = ImageDraw.Draw(grid)
+        d, font = ImageDraw.Draw(grid), ImageFont.load_default(size=11)  # the bitmap default eats spaces
         for r, text in enumerate(labels[:rows]):
-            d.text((2, r * h * scale + h * scale // 2 - 5), text, fill=(0, 0, 0))
+            d.text((2, r * h * scale + h * scale // 2 - 6), text, fill=(0, 0, 0), font=font)
     return grid
