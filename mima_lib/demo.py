@@ -14,9 +14,6 @@ from .attack_data import toy_attack_data
 from .diffusion import generate, image_grid, tensor_to_images
 from .models import load_pipeline, load_toy_oracle
 
-GUIDES = {"artist": toyworld.GENERIC_ARTWORK_PROMPT, "object": toyworld.GENERIC_OBJECT_PROMPT}
-
-
 @dataclass
 class DemoResult:
     concepts: list[str]
@@ -34,7 +31,7 @@ def erased_pipeline(concepts: list[str]):
     cs = [toyworld.concept(c) for c in concepts]
     preserve = [c.prompt for c in toyworld.all_concepts() if c.kind != "instance" and c.name not in concepts
                 and c.name in toyworld.BASE_OBJECTS + toyworld.BASE_ARTISTS]
-    erase_concepts(pipe, [c.prompt for c in cs], [GUIDES[c.kind] for c in cs], preserve)
+    erase_concepts(pipe, [c.prompt for c in cs], "", preserve, token_positions="all")  # as the reference code
     return pipe
 
 

@@ -80,7 +80,17 @@ def _rows(tokens: Tensor, token_positions: str) -> Tensor:
         return tokens[1:]  # every token after BOS, EOS included; BOS is the same for all prompts
     if token_positions == "eos":
         return tokens[-1:]
-    raise ValueError(f"token_positions must be 'concept' or 'eos', got {token_positions!r}")
+    if token_positions == "all":
+        return tokens[1:]  # the caller encoded with padding: the UNet attends to the padding states too
+    raise ValueError(f"token_positions must be 'concept', 'eos' or 'all', got {token_positions!r}")
+
+
+def _guide_rows_with_padding(erase_full: Tensor, guide_full: Tensor, erase_eos: int, guide_eos: int) -> Tensor:
+    """token_positions='all': content and EOS rows paired as in align_guide_rows; every padding row of
+    the erase prompt maps to the guide's last padding row (its summary of the guide prompt)."""
+    content = align_guide_rows(erase_full[1:erase_eos + 1], guide_full[1:guide_eos + 1])
+    pads = guide_full[-1:].expand(erase_full.shape[0] - erase_eos - 1, -1)
+    return torch.cat([content, pads])
 
 
 def erase_concepts(
@@ -92,6 +102,7 @@ def erase_concepts(
     preserve_scale: float = 1.0,
     token_positions: str = "concept",
     dtype: torch.dtype | None = None,
+    preserve_positions: str | None = None,
 ) -> dict:
     """Erase concepts from ``pipe.unet`` in place by UCE-editing every ``attn2.to_k`` / ``attn2.to_v``.
 
@@ -99,6 +110,10 @@ def erase_concepts(
     position 1 (after BOS) to EOS inclusive, paired with the guide prompt's rows by
     :func:`align_guide_rows`; preserve rows are the same token range of each preserve prompt. This is
     broader than UCE's reference code (the concept's last token onward); ``"eos"`` uses only the EOS rows.
+    ``"all"`` adds the padding positions after EOS, which a causal text encoder fills with states that
+    still carry the concept (the toy model's encoder mixes strongly): each maps to the guide's last row.
+    ``preserve_positions`` (default: ``token_positions``) chooses the preserve rows separately: padding
+    states are nearly alike across prompts, so preserving other prompts' padding fights erasing it.
     Caveat: tokens shared with preserve prompts (a common "an artwork of" prefix under a causal encoder)
     get conflicting targets and are resolved by least squares, so keep erase prompts to the concept itself.
 
@@ -120,16 +135,24 @@ def erase_concepts(
     preserve_prompts = list(preserve_prompts or [])
     _rows(torch.zeros(1, 1), token_positions)  # validate the option before the encoder runs
 
+    pad = token_positions == "all"
+    preserve_positions = preserve_positions or token_positions
+    _rows(torch.zeros(1, 1), preserve_positions)
     with torch.no_grad():
-        erase_tok = encode_prompt_tokens(pipe, erase_prompts)
-        guide_tok = encode_prompt_tokens(pipe, guide_prompts)
-        preserve_tok = encode_prompt_tokens(pipe, preserve_prompts)
+        erase_tok = encode_prompt_tokens(pipe, erase_prompts, include_padding=pad)
+        guide_tok = encode_prompt_tokens(pipe, guide_prompts, include_padding=pad)
+        preserve_tok = encode_prompt_tokens(pipe, preserve_prompts, include_padding=preserve_positions == "all")
         Ce = torch.cat([_rows(t, token_positions) for t in erase_tok])
-        G = torch.cat(
-            [align_guide_rows(_rows(e, token_positions), _rows(g, token_positions)) for e, g in zip(erase_tok, guide_tok)]
-        )
+        if pad:
+            e_eos = [len(t) - 1 for t in encode_prompt_tokens(pipe, erase_prompts)]
+            g_eos = [len(t) - 1 for t in encode_prompt_tokens(pipe, guide_prompts)]
+            G = torch.cat([_guide_rows_with_padding(e, g, ee, ge)
+                           for e, g, ee, ge in zip(erase_tok, guide_tok, e_eos, g_eos)])
+        else:
+            G = torch.cat([align_guide_rows(_rows(e, token_positions), _rows(g, token_positions))
+                           for e, g in zip(erase_tok, guide_tok)])
         d = Ce.shape[1]
-        Cp = torch.cat([_rows(t, token_positions) for t in preserve_tok]) if preserve_tok else Ce.new_zeros(0, d)
+        Cp = torch.cat([_rows(t, preserve_positions) for t in preserve_tok]) if preserve_tok else Ce.new_zeros(0, d)
 
         names = []
         for name, module in pipe.unet.named_modules():

@@ -31,9 +31,10 @@ class DataConfig:
 class EraseConfig:
     enabled: bool = True
     lam: float = field(default=0.5, metadata={"min": 0.0})
-    guide: str | None = None  # None: the regularization prompt ("artwork" / "a photo of an object"); "" = empty
+    guide: str | None = ""  # the reference code's empty prompt; None: "artwork" / "a photo of an object" by kind
     preserve_scale: float = field(default=1.0, metadata={"min": 0.0})
     preserve: list[str] = field(default_factory=list)  # extra concepts to preserve (toy: all others by default)
+    token_positions: str = field(default="all", metadata={"choices": ("all", "concept", "eos")})  # see erase.py
 
 
 @dataclass

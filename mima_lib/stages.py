@@ -194,7 +194,7 @@ def erase(cfg: ExperimentConfig, run_dir: Path, force: bool = False, n_show: int
                                           if cfg.is_toy else [])
         preserve = [concept_prompt(cfg, p) if p in cfg.prompts else p for p in preserve]
         info = erase_concepts(pipe, prompts, guides, preserve, lam=cfg.erase.lam,
-                              preserve_scale=cfg.erase.preserve_scale)
+                              preserve_scale=cfg.erase.preserve_scale, token_positions=cfg.erase.token_positions)
         changed = {f"{n}.weight": m.weight for n, m in pipe.unet.named_modules()
                    if n in set(info["layer_names"])}
         save_tensors(changed, folder / "erased.safetensors", {"format": "mima-erased/1"})

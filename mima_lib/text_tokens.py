@@ -25,8 +25,10 @@ def eos_positions(input_ids: Tensor, eos_token_id: int) -> Tensor:
     return torch.where(is_eos.any(dim=1), pos, last)
 
 
-def encode_prompt_tokens(pipe, prompts: list[str] | str, max_length: int | None = None) -> list[Tensor]:
-    """Per prompt, the text encoder's ``last_hidden_state`` rows from position 0 (BOS) to EOS inclusive.
+def encode_prompt_tokens(pipe, prompts: list[str] | str, max_length: int | None = None,
+                         include_padding: bool = False) -> list[Tensor]:
+    """Per prompt, the text encoder's ``last_hidden_state`` rows from position 0 (BOS) to EOS inclusive
+    (with ``include_padding``: every position, the padding after EOS too).
 
     Tokenizes and encodes exactly as ``StableDiffusionPipeline.encode_prompt`` does (padding to the model
     length, no attention mask unless the encoder's config asks for one), so the rows are the ones the UNet's
@@ -51,4 +53,6 @@ def encode_prompt_tokens(pipe, prompts: list[str] | str, max_length: int | None 
         mask = enc.attention_mask.to(text_encoder.device)
     hidden = text_encoder(input_ids, attention_mask=mask)[0]  # last_hidden_state, batch x length x d
     eos = eos_positions(input_ids, tokenizer.eos_token_id).tolist()
+    if include_padding:
+        return [hidden[i] for i in range(len(prompts))]
     return [hidden[i, : e + 1] for i, e in enumerate(eos)]
