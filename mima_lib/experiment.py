@@ -6,7 +6,6 @@ before any notebook starts (`python -m mima_lib.run` loads it first).
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +99,7 @@ def slug(name: str) -> str:
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Checks that need more than types: concepts known, folders present, devices available."""
     from . import toyworld
-    from .models import device_for
+    from .models import device_for, looks_like_path
 
     if not cfg.concepts:
         raise ConfigError("concepts: the list is empty; name at least one concept to immunize")
@@ -123,7 +122,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     elif not cfg.is_toy and cfg.task == "personalization":
         raise ConfigError("data.image_root: personalization of a real model needs the concepts' images; "
                           "set data.image_root to a folder with one sub-folder per concept")
-    if not cfg.is_toy and os.path.sep in cfg.model and not Path(cfg.model).expanduser().exists():
+    if not cfg.is_toy and looks_like_path(cfg.model) and not Path(cfg.model).expanduser().exists():
         raise ConfigError(f"model: path {cfg.model} does not exist")
     if cfg.task == "personalization" and cfg.erase.enabled and cfg.erase.preserve:
         raise ConfigError("erase: personalization concepts are new; set erase.enabled: false")

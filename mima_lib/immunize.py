@@ -10,6 +10,8 @@ One step of MIMA (``method='mima'``), with theta the current UNet weights:
 ``order=2`` (the paper) keeps theta'[n] and theta* functions of theta (``create_graph=True``), so the
 gradient of ``loss`` is the exact hypergradient through the inner step and the merge. ``order=1`` (the
 reference code) treats the merged weights as constants: the gradient at theta* is applied to theta.
+``hypergrad='hvp'`` computes the same update concept by concept in memory flat in N (second order by
+Hessian-vector products; :mod:`mima_lib.hypergrad`); ``'autograd'`` (default) is the double backward above.
 The paper sums the concept losses; we average them (``concept_reduction='sum'`` restores the sum), which
 only rescales beta and keeps ``prior_weight`` meaning what it does in the reference code (-instance + prior).
 
@@ -70,6 +72,12 @@ class ImmunizeConfig:
     clip_grad: float | None = 1.0
     checkpoint_every: int = 0  # 0: no checkpoints
     seed: int = 42  # the reference code's seed
+    # 'autograd': double backward through every inner step (memory grows with N); 'hvp': concept by concept,
+    # memory flat in N, second order by Hessian-vector products (mima_lib.hypergrad; order 1: streamed)
+    hypergrad: str = "autograd"
+    hvp_scheme: str = "central"  # 'central' | 'forward' finite differences of gradients | 'jvp' (exact)
+    hvp_eps: float | None = None  # relative finite-difference step; None: by precision (hypergrad.default_hvp_eps)
+    concept_chunk: int = 1  # 'hvp': concepts per upper-level forward pass (more: faster, more memory)
 
     @classmethod
     def toy(cls, **overrides) -> "ImmunizeConfig":
@@ -105,6 +113,14 @@ class ImmunizeConfig:
             raise ValueError(f"concept_reduction must be 'mean' or 'sum', got {self.concept_reduction!r}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; use 'adamw' or 'sgd'")
+        from .hypergrad import SCHEMES
+
+        if self.hypergrad not in ("autograd", "hvp"):
+            raise ValueError(f"hypergrad must be 'autograd' or 'hvp', got {self.hypergrad!r}")
+        if self.hvp_scheme not in SCHEMES:
+            raise ValueError(f"unknown hvp_scheme {self.hvp_scheme!r}; choose one of {', '.join(SCHEMES)}")
+        if (self.hvp_eps is not None and not self.hvp_eps > 0) or self.concept_chunk < 1:
+            raise ValueError(f"need hvp_eps > 0 or None, concept_chunk >= 1: {self.hvp_eps!r}, {self.concept_chunk!r}")
 
 
 @dataclass
@@ -142,6 +158,11 @@ def _model(unet, params: dict[str, Tensor]):
 
 
 def _loss(prob: Problem, params, latents, states, gen, reduction="mean"):
+    if gen is not None and gen.device != latents.device:  # a CPU generator drives sampling on a GPU
+        from .hypergrad import draw_noise, noise_loss
+
+        noise, t = draw_noise(latents, prob.sched.config.num_train_timesteps, gen)
+        return noise_loss(_model(prob.unet, params), prob.sched, latents, states, noise, t, reduction)
     return noise_prediction_loss(_model(prob.unet, params), prob.sched, latents, states, generator=gen,
                                  reduction=reduction)
 
@@ -225,10 +246,16 @@ def active_concepts(prob: Problem, step: int) -> list[int]:
     return list(range(len(prob.prompts)))
 
 
-def bilevel_loss(prob: Problem, step: int, gen: torch.Generator):
+def bilevel_loss(prob: Problem, step: int, gen: torch.Generator, comm=None):
     """The loss train() minimises at ``step`` (minus the merged-model concept loss plus the prior term),
-    and extras for the progress bar. All randomness comes from ``gen``."""
+    and extras for the progress bar. All randomness comes from ``gen``. With ``hypergrad='hvp'`` the
+    gradient is already in the S_u parameters' ``.grad`` and the loss has no graph (mima_lib.hypergrad;
+    ``comm``: one rank of a concept-parallel run)."""
     cfg = prob.cfg
+    if cfg.hypergrad == "hvp":
+        from .hypergrad import streamed_step
+
+        return streamed_step(prob, step, gen, comm)
     second = cfg.order == 2
     theta = live_params(prob)
     concepts = active_concepts(prob, step)
@@ -261,12 +288,15 @@ def bilevel_loss(prob: Problem, step: int, gen: torch.Generator):
 # ---------------------------------------------------------------------------------------------- entry
 def immunize(pipe, concept_images: dict, reg_images=None, reg_prompt: str | None = None,
              cfg: ImmunizeConfig | None = None, checkpoint_dir=None, reg_captions: list[str] | None = None,
-             progress: bool = True, on_step=None) -> ImmunizeResult:
+             progress: bool = True, on_step=None, comm=None) -> ImmunizeResult:
     """Immunize ``pipe.unet`` in place against the concepts of ``concept_images`` ({concept prompt: PIL
     images}). ``reg_images``: a list of images of ``reg_prompt`` or a dict {prompt: images} (prior term;
     not needed when ``prior_weight=0``). ``reg_captions``: captions for the merge's C_reg (default: ~200
-    fixed-by-seed captions of toy-world words). Resumes from ``checkpoint_dir`` when it holds a checkpoint."""
+    fixed-by-seed captions of toy-world words). Resumes from ``checkpoint_dir`` when it holds a checkpoint.
+    ``comm``: one rank of a concept-parallel run (see :mod:`mima_lib.distributed`; needs hypergrad='hvp')."""
     cfg = cfg or ImmunizeConfig()
+    if comm is not None and cfg.hypergrad != "hvp":
+        raise ValueError("a concept-parallel run needs hypergrad='hvp' (the streamed step)")
     prob = prepare(pipe, concept_images, reg_images, reg_prompt, cfg, reg_captions)
     unet = pipe.unet
     total = cfg.steps * (len(prob.prompts) if cfg.method == "imma-sequential" else 1)
@@ -279,9 +309,9 @@ def immunize(pipe, concept_images: dict, reg_images=None, reg_prompt: str | None
     for k in prob.outer_names:
         prob.params[k].requires_grad_(True)
     try:
-        with plain_attention(unet, cfg.order == 2):
+        with plain_attention(unet, cfg.order == 2 and cfg.hypergrad == "autograd"):
             t0 = time.perf_counter()
-            out = train(lambda step, gen: bilevel_loss(prob, step, gen),
+            out = train(lambda step, gen: bilevel_loss(prob, step, gen, comm),
                         {k: prob.params[k] for k in prob.outer_names}, tcfg, checkpoint_dir=checkpoint_dir,
                         progress=progress, on_step=on_step)
             elapsed = time.perf_counter() - t0

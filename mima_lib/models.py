@@ -18,6 +18,11 @@ EMBEDDED = ("toy", "embedded", "default")
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
+def looks_like_path(name: str) -> bool:
+    """A local folder (existing, or written like a path) rather than a hub id such as 'CompVis/sd-v1-4'."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
 def _check_local_folder(folder: Path) -> None:
     if not (folder / "model_index.json").exists():
         raise FileNotFoundError(
@@ -50,14 +55,12 @@ def _load_pipeline(model: str, dtype: torch.dtype, device: str):
         if not folder.exists():
             raise FileNotFoundError(f"the embedded toy model is missing at {folder}; rebuild it with "
                                     "`python -m mima_lib.build_toy` or restore it from git")
-    elif os.path.sep in name and not Path(name).exists() or name.startswith((".", "/", "~")):
+    elif looks_like_path(name):
         folder = Path(name).expanduser()
         if not folder.exists():
             raise FileNotFoundError(f"model path {folder} does not exist; check the 'model' setting")
-    elif Path(name).exists():
-        folder = Path(name)
     else:
-        folder = None
+        folder = None  # a hub id
     if folder is not None:
         _check_local_folder(folder)
         try:

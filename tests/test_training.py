@@ -72,3 +72,35 @@ def test_killed_run_resumes_bitwise(tmp_path):
     assert a["losses"] == b["losses"]
     for k in a["params"]:
         assert torch.equal(a["params"][k], b["params"][k]), k
+
+
+ATTACK = Path(__file__).parent / "helpers" / "attack_small.py"
+
+
+def test_killed_attack_resumes_with_identical_weights_and_snapshots(tmp_path):
+    from mima_lib.artifacts import load_tensors
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    run = lambda out: subprocess.Popen([sys.executable, str(ATTACK), str(out)], env=env,  # noqa: E731
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    clean = run(tmp_path / "clean")
+    assert clean.wait(timeout=600) == 0, clean.stderr.read().decode()[-2000:]
+    victim = run(tmp_path / "killed")
+    ckpt = tmp_path / "killed" / "checkpoint" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None:
+        try:
+            if ckpt.exists() and torch.load(ckpt, weights_only=False)["step"] >= 12:
+                break
+        except (EOFError, RuntimeError):  # read while being replaced: try again
+            pass
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed" / "final.safetensors").exists(), "the attack finished before it was killed"
+    resumed = run(tmp_path / "killed")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
+    a, b = load_tensors(tmp_path / "clean" / "final.safetensors"), load_tensors(tmp_path / "killed" / "final.safetensors")
+    assert sorted(a) == sorted(b) and any(k.startswith("snap40") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

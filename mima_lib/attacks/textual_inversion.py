@@ -1,0 +1,178 @@
+"""Textual Inversion attack: a new token (e.g. `<new1>`) whose input embedding alone is trained,
+initialised from an existing word; the model's weights stay untouched.
+
+Saved as diffusers' `learned_embeds.safetensors` ({token: (1, dim) tensor}), so
+`pipe.load_textual_inversion(folder)` reloads it (as does `load_textual_inversion` here).
+Reference code: diffusers' train_textual_inversion.py, lr 5e-4 (x batch size with --scale_lr), batch 1.
+
+The token helpers (`check_new_token`, `add_tokens`, `TokenFreezer`) are shared with Custom Diffusion's
+modifier tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .common import DEFAULT_SNAPSHOT_STEPS, AttackResult, attack_setup, finetune, freeze_pipeline
+
+TI_WEIGHT_NAME = "learned_embeds.safetensors"
+
+
+@dataclass
+class TextualInversionSettings:
+    """Textual Inversion settings; defaults are the paper's (SD v1-4). `.toy()` for the toy model.
+
+    The prompt given to the attack must contain `token`, e.g. "a photo of <new1> cat" (personalization)
+    or "a photo of a <new1>" (re-learning an erased object under a new word)."""
+
+    token: str = "<new1>"
+    initializer_token: str = "object"  # an existing single-token word; the new embedding starts as its copy
+    steps: int = 40  # the paper's tables report step 40 (the reference script ran up to 2000)
+    lr: float = 5e-4
+    batch_size: int = 1
+    hflip: bool = False
+    schedule: str = "constant"  # 'constant' (the reference scripts') | 'cosine' (decays to 0 at `steps`)
+    seed: int = 0
+    snapshot_steps: tuple[int, ...] = DEFAULT_SNAPSHOT_STEPS
+
+    @classmethod
+    def paper(cls, **overrides) -> "TextualInversionSettings":
+        return replace(cls(), **overrides)
+
+    @classmethod
+    def toy(cls, **overrides) -> "TextualInversionSettings":
+        """Measured on the toy model (tests/test_attacks.py)."""
+        return replace(cls(lr=5e-2, batch_size=4, steps=100), **overrides)
+
+
+def in_vocabulary(tokenizer, token: str) -> bool:
+    """True if `token` already names a vocabulary entry (as an added token or as a whole word)."""
+    vocab = tokenizer.get_vocab()
+    return token in vocab or f"{token}</w>" in vocab
+
+
+def check_new_token(tokenizer, token: str) -> None:
+    if not isinstance(token, str) or not token.strip() or token != token.strip() or " " in token:
+        raise ValueError(f"a new token must be one non-empty word without spaces, got {token!r}")
+    if in_vocabulary(tokenizer, token):
+        raise ValueError(f"token {token!r} is already in the tokenizer's vocabulary; choose a new one such as "
+                         "'<new1>' (or attack a fresh copy of the model if an earlier attack added it)")
+
+
+def initializer_id(tokenizer, word: str) -> int:
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise ValueError(f"initializer_token {word!r} is {len(ids)} tokens {pieces}; it must be a single token "
+                         "(a common word)")
+    return ids[0]
+
+
+def add_tokens(pipe, tokens: list[str], initializer_words: list[str]) -> list[int]:
+    """Add new tokens to pipe's tokenizer, grow the text encoder's embedding table, and set each new row
+    to its initializer word's embedding. Validates everything before changing anything."""
+    tok, enc = pipe.tokenizer, pipe.text_encoder
+    if len(tokens) != len(initializer_words):
+        raise ValueError(f"{len(tokens)} new tokens but {len(initializer_words)} initializer words")
+    if len(set(tokens)) != len(tokens):
+        raise ValueError(f"new tokens must be distinct, got {tokens}")
+    for t in tokens:
+        check_new_token(tok, t)
+    init_ids = [initializer_id(tok, w) for w in initializer_words]
+    tok.add_tokens(list(tokens))
+    ids = tok.convert_tokens_to_ids(list(tokens))
+    enc.resize_token_embeddings(len(tok), mean_resizing=False)  # rows are set below
+    with torch.no_grad():
+        weight = enc.get_input_embeddings().weight
+        for i, j in zip(ids, init_ids):
+            weight[i] = weight[j]
+    return ids
+
+
+def require_tokens_in_prompt(prompt: str, tokens: list[str], what: str) -> None:
+    missing = [t for t in tokens if t not in prompt.split()]
+    if missing:
+        raise ValueError(f"the prompt {prompt!r} does not contain the {what} {missing}; write it as a word, e.g. "
+                         f"'a photo of {missing[0]} cat'")
+
+
+class TokenFreezer:
+    """Train only some rows of the input-embedding table: masks the gradient of every other row and,
+    after each update, restores them exactly (so optimizer state or weight decay cannot drift them)."""
+
+    def __init__(self, text_encoder, train_ids: list[int]):
+        self.weight = text_encoder.get_input_embeddings().weight
+        self.original = self.weight.detach().clone()
+        self.frozen = torch.ones(self.weight.shape[0], dtype=torch.bool, device=self.weight.device)
+        self.frozen[list(train_ids)] = False
+        self.weight.requires_grad_(True)
+        mask = (~self.frozen).to(self.weight.dtype)[:, None]
+        self._hook = self.weight.register_hook(lambda g: g * mask)
+
+    def restore(self, step: int | None = None) -> None:
+        with torch.no_grad():
+            self.weight[self.frozen] = self.original[self.frozen]
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+
+def textual_inversion_attack(pipe, images, prompt: str, settings: TextualInversionSettings | None = None,
+                             **finetune_kwargs) -> AttackResult:
+    """Add `settings.token` to pipe's tokenizer (in place) and train its embedding on the images.
+
+    Raises ValueError if the token is already in the vocabulary or the prompt does not contain it."""
+    settings = settings or TextualInversionSettings()
+    cfg, kw = attack_setup(settings, "textual inversion", finetune_kwargs, pipe, [(images, prompt)])
+    require_tokens_in_prompt(prompt, [settings.token], "placeholder token")
+    freeze_pipeline(pipe)
+    ids = add_tokens(pipe, [settings.token], [settings.initializer_token])
+    freezer = TokenFreezer(pipe.text_encoder, ids)
+    params = {"text_encoder.token_embedding": freezer.weight}
+    try:
+        result = finetune(pipe, images, prompt, params, cfg, batch_size=settings.batch_size, hflip=settings.hflip,
+                          text_params_changed=True, after_step=freezer.restore,
+                          **kw)
+    finally:
+        freezer.remove()
+        pipe.text_encoder.requires_grad_(False)
+    result.method, result.settings, result.tokens = "textual_inversion", settings, [settings.token]
+    return result
+
+
+def token_embeddings(pipe, tokens: list[str]) -> dict[str, torch.Tensor]:
+    """{token: (1, dim) embedding}, the layout diffusers' load_textual_inversion reads."""
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    out = {}
+    for t in tokens:
+        if t not in pipe.tokenizer.get_vocab():
+            raise ValueError(f"token {t!r} is not in the tokenizer; nothing to save")
+        out[t] = weight[pipe.tokenizer.convert_tokens_to_ids(t)].detach().cpu().clone()[None]
+    return out
+
+
+def save_textual_inversion(pipe, folder, token: str = "<new1>", weight_name: str = TI_WEIGHT_NAME) -> Path:
+    """Write <folder>/learned_embeds.safetensors = {token: (1, dim)}; reload with
+    `pipe.load_textual_inversion(folder)` on a model without the token."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / weight_name
+    save_file(token_embeddings(pipe, [token]), path)
+    return path
+
+
+def load_textual_inversion(pipe, path, token: str | None = None, weight_name: str | None = None):
+    """Load a saved embedding into pipe (in place) through diffusers' `load_textual_inversion`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"textual inversion path {path} does not exist")
+    if path.is_dir() and weight_name is None and not (path / TI_WEIGHT_NAME).exists():
+        raise FileNotFoundError(f"no {TI_WEIGHT_NAME} in {path}; save one with save_textual_inversion")
+    if path.is_file():
+        path, weight_name = path.parent, path.name
+    pipe.load_textual_inversion(str(path), token=token, weight_name=weight_name, local_files_only=True)
+    return pipe
