@@ -345,26 +345,14 @@ def save_immunized(result: ImmunizeResult, folder, cfg: ImmunizeConfig | None = 
 
 def load_immunized(pipe, folder) -> dict:
     """Apply the parameters saved by :func:`save_immunized` to ``pipe.unet`` in place; returns the JSON."""
-    from safetensors.torch import load_file
+    from .artifacts import apply_unet_params, load_tensors
 
     folder = Path(folder)
     wfile, jfile = folder / "immunized.safetensors", folder / "immunize.json"
     if not wfile.exists():
         raise FileNotFoundError(f"{folder} has no immunized.safetensors: not a folder written by save_immunized")
     info = json.loads(jfile.read_text()) if jfile.exists() else {}
-    state = load_file(str(wfile))
-    own = dict(pipe.unet.named_parameters())
-    unknown = [k for k in state if k not in own]
-    if unknown:
-        raise ValueError(f"{len(unknown)} saved parameters are not in this UNet (e.g. {unknown[0]}): the "
-                         "immunized weights were made for another model")
-    bad = [k for k, v in state.items() if v.shape != own[k].shape]
-    if bad:
-        raise ValueError(f"shape mismatch for {bad[0]}: saved {tuple(state[bad[0]].shape)}, "
-                         f"model {tuple(own[bad[0]].shape)}; the weights were made for another model")
-    with torch.no_grad():
-        for k, v in state.items():
-            own[k].copy_(v.to(own[k].device, own[k].dtype))
+    apply_unet_params(pipe.unet, load_tensors(wfile))  # checks names and shapes against this UNet
     return info
 
 
