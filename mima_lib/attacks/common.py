@@ -266,8 +266,9 @@ def attack_setup(settings, desc: str, finetune_kwargs: dict, pipe=None, concepts
     settings) and the keyword arguments for finetune. concepts: [(images, prompt), ...].
 
     Settings own steps, lr, seed and batch size; finetune_kwargs may add snapshot_steps (default: the
-    settings'), snapshot_prompts/seeds, sample_steps, guidance, progress, and checkpoint_dir with
-    checkpoint_every (default 50 when a checkpoint_dir is given) for resumable runs."""
+    settings' that the run reaches, plus its last step), snapshot_prompts/seeds, sample_steps, guidance,
+    progress, and checkpoint_dir with checkpoint_every (default 50 when a checkpoint_dir is given) for
+    resumable runs."""
     owned = {"batch_size", "cfg", "params", "text_params_changed", "hflip", "after_step"}
     clash = owned & set(finetune_kwargs)
     if clash:
@@ -276,7 +277,9 @@ def attack_setup(settings, desc: str, finetune_kwargs: dict, pipe=None, concepts
     every = kw.pop("checkpoint_every", None)
     if every is None:
         every = 50 if kw.get("checkpoint_dir") else 0
-    kw.setdefault("snapshot_steps", settings.snapshot_steps)
+    # default: the settings' snapshot steps that the run reaches, plus its last step
+    kw.setdefault("snapshot_steps", tuple(sorted({s for s in settings.snapshot_steps if s <= settings.steps}
+                                                 | {settings.steps})))
     if settings.steps < 0:
         raise ValueError(f"steps must be >= 0, got {settings.steps}")
     for i, (ims, p) in enumerate(concepts):

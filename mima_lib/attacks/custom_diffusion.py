@@ -59,9 +59,10 @@ class CustomDiffusionSettings:
 
     @classmethod
     def toy(cls, **overrides) -> "CustomDiffusionSettings":
-        """Measured on the toy model (tests/test_attacks.py); the toy vocabulary has no 'ktn', so the
-        modifier token starts from the filler word 'my'."""
-        return replace(cls(lr=1e-3, batch_size=4, steps=60, initializer_token="my"), **overrides)
+        """Measured on the toy model (erased 'cat'): lr 1e-3, batch 4 reaches 0.69-0.88 oracle accuracy by
+        step 20-30 (seed-dependent); 3e-3 overshoots. The toy vocabulary has no 'ktn', so a modifier token
+        starts from the filler word 'my'."""
+        return replace(cls(lr=1e-3, batch_size=4, steps=40, initializer_token="my"), **overrides)
 
     def tokens(self) -> list[str]:
         t = self.modifier_token

@@ -39,8 +39,9 @@ class DreamBoothSettings:
 
     @classmethod
     def toy(cls, **overrides) -> "DreamBoothSettings":
-        """Measured on the toy model (tests/test_attacks.py)."""
-        return replace(cls(lr=1e-4, batch_size=4, steps=60), **overrides)
+        """Measured on the toy model (erased 'cat'): lr 5e-5-1e-4, batch 4 peaks at 0.62-0.94 oracle accuracy
+        around step 40-60 and degrades afterwards (full fine-tuning drifts the image style); 3e-4 breaks it."""
+        return replace(cls(lr=5e-5, batch_size=4, steps=60), **overrides)
 
 
 def dreambooth_attack(pipe, images, prompt: str, settings: DreamBoothSettings | None = None, class_images=None,

@@ -38,8 +38,9 @@ class LoraSettings:
 
     @classmethod
     def toy(cls, **overrides) -> "LoraSettings":
-        """Measured on the toy model (tests/test_attacks.py): re-learns an erased object within ~100 steps."""
-        return replace(cls(lr=1e-3, rank=4, hflip=False), **overrides)
+        """Measured on the toy model (erased 'cat', 20 attacker renders, oracle accuracy at guidance 7.5):
+        lr 3e-3 reaches 0.62-1.0 by steps 40-100 over three seeds; lr 1e-3 is slower and noisier."""
+        return replace(cls(lr=3e-3, steps=100, hflip=False), **overrides)
 
 
 def lora_attack(pipe, images, prompt: str, settings: LoraSettings | None = None,

@@ -43,8 +43,10 @@ class TextualInversionSettings:
 
     @classmethod
     def toy(cls, **overrides) -> "TextualInversionSettings":
-        """Measured on the toy model (tests/test_attacks.py)."""
-        return replace(cls(lr=5e-2, batch_size=4, steps=100), **overrides)
+        """Measured on the toy model (erased 'cat', prompt 'a photo of a <new1>'): lr 0.2, batch 4 peaks at
+        0.79-0.88 oracle accuracy around step 40-60 for two of three seeds (0.46 for the third); lower lrs
+        (0.05-0.1) stay below 0.5 even after 300 steps."""
+        return replace(cls(lr=2e-1, batch_size=4, steps=60), **overrides)
 
 
 def in_vocabulary(tokenizer, token: str) -> bool:
