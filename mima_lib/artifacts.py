@@ -11,7 +11,9 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,6 +36,58 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextmanager
+def atomic_folder(path: str | Path):
+    """Build a folder under a hidden temporary name; rename it to `path` only when the block ends normally.
+
+        with atomic_folder(run_dir / "data" / "cat" / "immunize") as tmp:
+            ...write files into tmp...
+
+    A reader (or a restarted run) sees the old folder or the complete new one, never a half-written one: a
+    process killed inside the block leaves only a hidden `.NAME.PID.tmp` (or, between the two renames, a
+    `.NAME.PID.old`) sibling, which `remove_stale_temporaries` deletes. An existing `path` is replaced.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    if tmp.exists():  # left by an earlier process that had the same id
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():  # a directory cannot be renamed over a non-empty one: move the old one aside first
+        old = path.parent / f".{path.name}.{os.getpid()}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete what killed writers left under folder: `atomic_folder`'s and `atomic_write_bytes`'s hidden
+    `.*.tmp` / `.*.old` entries. Call it only while no other process writes there. Returns what it removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted((p for p in folder.rglob(".*") if p.name.endswith((".tmp", ".old"))), key=lambda p: len(p.parts))
+    removed = []
+    for p in stale:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists() or p.is_symlink():
+            p.unlink(missing_ok=True)
+        else:
+            continue  # inside a folder removed just before
+        removed.append(p)
+    return removed
 
 
 def atomic_save_image(image, path: str | Path) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from . import toyworld
-from .artifacts import (apply_unet_params, check_manifest, load_tensors, save_tensors, write_manifest)
+from .artifacts import (MANIFEST, apply_unet_params, atomic_folder, atomic_write_text, check_manifest, load_tensors,
+                        remove_stale_temporaries, save_tensors, write_manifest)
 from .attack_data import load_concept_folder, personalization_prompt, write_concept_folder
 from .diffusion import generate, image_grid, tensor_to_images
 from .experiment import ExperimentConfig, concept_prompt, slug
@@ -111,22 +112,78 @@ def _concept_images(cfg: ExperimentConfig, pipe, name: str, k: int) -> dict:
     return {"immunize": ims[:n_imm], "attack": ims[n_imm:], "reference": ref}
 
 
+PART_DONE = ".complete.json"  # hidden: load_concept_folder and the stage manifest's file list skip it
+PARTS = ("immunize", "attack", "reference")
+
+
+def _part_record(settings: dict, key: str) -> dict:
+    return json.loads(json.dumps({"part": key, "settings": settings}, sort_keys=True, default=str))
+
+
+def _part_done(folder: Path, settings: dict, key: str) -> bool:
+    """True if folder was written completely by a data stage with these settings (its marker matches)."""
+    try:
+        record = json.loads((folder / PART_DONE).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return False
+    if {k: record.get(k) for k in ("part", "settings")} != _part_record(settings, key):
+        return False  # made by a run with other settings that never finished: redo it
+    return all((folder / f).is_file() for f in record.get("files", []))
+
+
+def _write_part(folder: Path, images: list, prompt: str, settings: dict, key: str) -> None:
+    """Write one part (images + metadata.csv) atomically; its marker, inside, says that it is complete."""
+    with atomic_folder(folder) as tmp:
+        write_concept_folder(tmp, images, prompt, overwrite=True)
+        files = sorted(p.name for p in tmp.iterdir())
+        atomic_write_text(tmp / PART_DONE, json.dumps({**_part_record(settings, key), "files": files},
+                                                      indent=1, sort_keys=True))
+
+
 def make_data(cfg: ExperimentConfig, run_dir: Path, force: bool = False) -> DataResult:
+    """Generate (or load) the concepts' and the regularization images.
+
+    Resumable: every part folder (<concept>/<part>, regularization/<prompt>) is written atomically with a
+    hidden completion marker; a run killed midway and restarted skips the complete parts and redoes the rest.
+    Generation depends only on (prompt, seed), so the result is byte-identical to an uninterrupted run.
+    """
     folder = Path(run_dir) / "data"
     settings = _settings(cfg, "data")
     if _fresh(folder, settings, force):
-        log("generating data with the base model")
-        pipe = base_pipeline(cfg)
+        remove_stale_temporaries(folder)
+        if force:  # forget the finished stage and its parts, so that a killed forced run resumes as one
+            (folder / MANIFEST).unlink(missing_ok=True)
+            for marker in folder.rglob(PART_DONE):
+                marker.unlink()
+        pipe, skipped = None, []
         for k, name in enumerate(cfg.concepts):
+            keys = {part: f"{slug(name)}/{part}" for part in PARTS}
+            todo = [part for part in PARTS if not _part_done(folder / keys[part], settings, keys[part])]
+            skipped += [keys[part] for part in PARTS if part not in todo]
+            if not todo:
+                continue
+            if pipe is None:
+                log("generating data with the base model")
+                pipe = base_pipeline(cfg)
             for part, ims in _concept_images(cfg, pipe, name, k).items():
-                write_concept_folder(folder / slug(name) / part, ims, attack_prompt(cfg, name), overwrite=True)
+                if part in todo:
+                    _write_part(folder / keys[part], ims, attack_prompt(cfg, name), settings, keys[part])
         prompts = regularization_prompts(cfg)
         for j, p in enumerate(prompts):
+            key = f"regularization/{slug(p)}"
+            if _part_done(folder / key, settings, key):
+                skipped.append(key)
+                continue
             n = cfg.data.regularization_images // len(prompts)
             seeds = list(range(2_000_000 + 10_000 * j, 2_000_000 + 10_000 * j + n))
+            if n and pipe is None:
+                log("generating regularization data with the base model")
+                pipe = base_pipeline(cfg)
             ims = tensor_to_images(generate(pipe, [p] * n, seeds, cfg.data.sample_steps, cfg.data.guidance,
                                             cfg.data.batch_size)) if n else []
-            write_concept_folder(folder / "regularization" / slug(p), ims, p, overwrite=True)
+            _write_part(folder / key, ims, p, settings, key)
+        if skipped:
+            log(f"resumed: {len(skipped)} part(s) were already complete ({', '.join(skipped)})")
         write_manifest(folder, settings, cfg.seed)
     return load_data(cfg, run_dir)
 
@@ -182,6 +239,7 @@ def erase(cfg: ExperimentConfig, run_dir: Path, force: bool = False, n_show: int
         return EraseResult(cfg, folder, {"enabled": False})
     settings = erase_settings(cfg)
     if _fresh(folder, settings, force):
+        remove_stale_temporaries(folder)  # what a killed earlier try left
         pipe = base_pipeline(cfg)
         prompts = [concept_prompt(cfg, c) for c in cfg.concepts]
         seeds = [s for _ in prompts for s in range(n_show)]
@@ -292,6 +350,7 @@ def immunize(cfg: ExperimentConfig, run_dir: Path, force: bool = False) -> Immun
         settings = {**_settings(cfg, "erase", "data"), "immunize": asdict(icfg)}
         if _fresh(folder, settings, force):
             log(f"immunizing with {method}")
+            remove_stale_temporaries(folder)  # what a killed earlier try left (its checkpoint stays)
             pipe = starting_pipeline(cfg, run_dir)
             result = run_immunize(pipe, concept_images, reg or None, None, icfg,
                                   checkpoint_dir=folder / "checkpoint")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from . import toyworld
-from .artifacts import atomic_write_text, load_tensors, save_tensors, write_manifest
+from .artifacts import atomic_write_text, load_tensors, remove_stale_temporaries, save_tensors, write_manifest
 from .attack_data import MODIFIER_TOKEN, textual_inversion_prompt
 from .diffusion import generate
 from .experiment import ExperimentConfig, concept_prompt, slug
@@ -76,6 +76,7 @@ def attack(cfg: ExperimentConfig, run_dir: Path, force: bool = False) -> AttackS
                                 "n_images": cfg.attack.n_images}
                     if _fresh(folder, settings, force):
                         log(f"attack {method} (seed {seed}) on {model!r} for {concept!r}")
+                        remove_stale_temporaries(folder)  # what a killed earlier try left
                         pipe = model_for(cfg, run_dir, model)
                         prompt = _prompt_for(cfg, concept, method)
                         n = cfg.attack.n_images
@@ -180,6 +181,7 @@ def report(cfg: ExperimentConfig, run_dir: Path, force: bool = False) -> ReportR
     refs = {c: data.images[c]["reference"] for c in cfg.concepts}
     folder = Path(run_dir) / "report"
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder)  # what a killed earlier try left
     sections = [f"# Report: {cfg.experiment}\n", f"Task: {cfg.task}; concepts: {', '.join(cfg.concepts)}; "
                 f"model: {cfg.model}; attacks: {', '.join(cfg.attack.methods)}; seeds: {cfg.attack.seeds}\n"]
     figures: list = []

@@ -27,3 +27,16 @@ def toy_oracle():
     from mima_lib.models import load_toy_oracle
 
     return load_toy_oracle()
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One uninterrupted run of the whole notebook sequence on papermill_params/smoke.yaml (about 2 minutes),
+    shared by test_notebooks.py and test_resume_stages.py (the reference a killed-and-resumed run must equal).
+    Tests may re-run stages in it, but must not change its outputs."""
+    from pathlib import Path
+
+    from mima_lib.run import run_sequence
+
+    params = Path(__file__).resolve().parent.parent / "papermill_params" / "smoke.yaml"
+    return run_sequence(params, run_root=tmp_path_factory.mktemp("runs"), log=lambda m: None)

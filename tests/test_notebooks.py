@@ -10,6 +10,7 @@ import pytest
 from mima_lib.run import NOTEBOOK_DIR, SEQUENCE, run_sequence
 
 PARAMS = Path(__file__).resolve().parent.parent / "papermill_params"
+# smoke_run (conftest.py): one uninterrupted run of papermill_params/smoke.yaml, shared with test_resume_stages.py
 
 
 @pytest.mark.parametrize("path", sorted(NOTEBOOK_DIR.glob("*.ipynb")), ids=lambda p: p.name)
@@ -21,13 +22,6 @@ def test_notebooks_are_clean_and_paired(path):
     twin = jupytext.read(path.with_suffix(".py"))
     assert [c.source for c in twin.cells] == [c.source for c in nb.cells], \
         f"{path.name} and its .py differ: run `jupytext --sync notebooks/{path.stem}.py`"
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    run_dir = run_sequence(PARAMS / "smoke.yaml", run_root=root, log=lambda m: None)
-    return run_dir
 
 
 def test_sequence_runs_under_papermill(smoke_run):
