@@ -46,9 +46,11 @@ def noise_prediction_loss(unet, noise_scheduler, latents: torch.Tensor, text_sta
     reduction='none' returns one loss per example, so callers can weight or split by concept.
     """
     b = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    # draw on the generator's device, then move: a CPU generator (the seeded default) drives a GPU run
+    gdev = generator.device if generator is not None else latents.device
+    noise = torch.randn(latents.shape, generator=generator, device=gdev, dtype=latents.dtype).to(latents.device)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator,
-                      device=latents.device)
+                      device=gdev).to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, t)

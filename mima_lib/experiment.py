@@ -20,6 +20,12 @@ class DataConfig:
     reference_images: int = field(default=20, metadata={"min": 1})
     regularization_images: int = field(default=200, metadata={"min": 0})
     regularization_prompt: str | None = None  # None: "artwork" / "a photo of an object" by concept kind
+    # other concepts whose own prompts join the regularization prompts (toy: keeps the prior from being only
+    # the generic prompt, so immunization's damage stays on the targets; see README "default experiment")
+    regularization_concepts: list[str] = field(default_factory=list)
+    # toy world only: where immunization and attack images come from. 'model': the base model's generations
+    # (the paper's re-learning data); 'render': the renderer's ground truth (the attacker holds real images)
+    source: str = field(default="model", metadata={"choices": ("model", "render")})
     image_root: str | None = None  # real models: folder with one sub-folder of images per concept
     sample_steps: int = field(default=25, metadata={"min": 1})
     guidance: float = field(default=5.0, metadata={"min": 0.0})
@@ -105,7 +111,14 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError("concepts: the list is empty; name at least one concept to immunize")
     if len(set(cfg.concepts)) != len(cfg.concepts):
         raise ConfigError(f"concepts: duplicate names in {cfg.concepts}")
-    for name in cfg.concepts + cfg.utility_concepts:
+    clash = sorted(set(cfg.data.regularization_concepts) & set(cfg.concepts))
+    if clash:
+        raise ConfigError(f"data.regularization_concepts: {clash} are also targets; the prior would undo "
+                          "their immunization: remove them from one of the two lists")
+    if cfg.data.source == "render" and not cfg.is_toy:
+        raise ConfigError("data.source: 'render' exists only for the toy world; a real model uses 'model' "
+                          "or data.image_root")
+    for name in cfg.concepts + cfg.utility_concepts + cfg.data.regularization_concepts:
         if name in cfg.prompts:
             continue
         try:

@@ -61,6 +61,10 @@ class ImmunizeConfig:
     outer_params: str = "xattn"  # S_u: 'xattn' | 'xattn-kv' | 'attn'
     prior_weight: float = 1.0  # 0 disables the prior-preservation term
     prior_on: str = "merged"  # 'merged' (reference: same forward as the instance loss) | 'immunized' (theta)
+    # also preserve the empty prompt on all regularization images: classifier-free guidance's unconditional
+    # branch. Needed when UCE mapped the targets onto "" (its default guide): ascending a target's loss
+    # then moves the unconditional prediction, and every guided generation breaks (measured on the toy)
+    prior_unconditional: bool = False
     concept_reduction: str = "mean"  # 'mean' | 'sum' of the concepts' upper losses
     batch_size: int = 1  # images per concept (and per regularization prompt) in each batch
     hflip: bool = False  # add mirrored copies of every image (the reference code flips at random)

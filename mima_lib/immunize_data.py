@@ -114,6 +114,10 @@ def prepare(pipe, concept_images: dict, reg_images, reg_prompt, cfg, reg_caption
         use_reg = reg and cfg.prior_weight > 0
         prior_latents = [_encode(pipe, ims, cfg.hflip).to(dev, dt) for ims in reg.values()] if use_reg else []
         prior_states = encode_prompts(pipe, list(reg)).to(dev, dt) if use_reg else None
+        if use_reg and cfg.prior_unconditional and "" not in reg:  # one more group: "" on every prior image
+            reg[""] = [im for ims in reg.values() for im in ims]
+            prior_latents.append(torch.cat(prior_latents))
+            prior_states = torch.cat([prior_states, encode_prompts(pipe, [""]).to(dev, dt)])
     if cfg.method == "mima" and any(is_cross_attention_kv(k) for k in inner):
         r = len(unique_rows(torch.cat(token_rows)))
         d_in = token_rows[0].shape[1]

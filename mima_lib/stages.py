@@ -49,9 +49,12 @@ def attack_prompt(cfg: ExperimentConfig, name: str) -> str:
 
 
 def regularization_prompts(cfg: ExperimentConfig) -> list[str]:
+    """The prior's prompts: the generic class prompt(s) (or the file's), then data.regularization_concepts'."""
     if cfg.data.regularization_prompt is not None:
-        return [cfg.data.regularization_prompt]
-    return sorted({GENERIC[_kind(cfg, c)] for c in cfg.concepts})
+        generic = [cfg.data.regularization_prompt]
+    else:
+        generic = sorted({GENERIC[_kind(cfg, c)] for c in cfg.concepts})
+    return generic + [concept_prompt(cfg, c) for c in cfg.data.regularization_concepts]
 
 
 def _fresh(folder: Path, settings: dict, force: bool) -> bool:
@@ -98,7 +101,9 @@ def _concept_images(cfg: ExperimentConfig, pipe, name: str, k: int) -> dict:
                              "(immunization_images + attack_images)")
         return {"immunize": loaded[:d.immunization_images], "attack": loaded[d.immunization_images:need],
                 "reference": loaded[d.immunization_images:need]}
-    if cfg.task == "personalization":  # new concepts: the renderer is the only source of images
+    # personalization: new concepts, the renderer is the only source; toy source 'render': the attacker's
+    # real photos (and the defender's) are renders, disjoint seeds
+    if cfg.task == "personalization" or (cfg.is_toy and d.source == "render" and name not in cfg.prompts):
         return {"immunize": toyworld.render_many(name, d.immunization_images, 40_000),
                 "attack": toyworld.render_many(name, d.attack_images, 20_000),
                 "reference": toyworld.render_many(name, d.reference_images, 30_000)}

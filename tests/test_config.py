@@ -40,6 +40,11 @@ def test_every_shipped_parameter_file_parses(name):
     ({"concepts": ["cat"], "data": {"image_root": "/nowhere/at/all"}}, "image_root: folder /nowhere/at/all does not exist"),
     ({"concepts": ["cat"], "model": "/nowhere/model"}, "model: path /nowhere/model does not exist"),
     ({"concepts": ["cat"], "device": "cuda"}, "no CUDA GPU"),
+    ({"concepts": ["cat"], "data": {"regularization_concepts": ["cat"]}}, "regularization_concepts: \\['cat'\\] are also targets"),
+    ({"concepts": ["cat"], "data": {"regularization_concepts": ["zebra"]}}, "unknown toy-world concept 'zebra'"),
+    ({"concepts": ["cat"], "data": {"source": "photos"}}, "data.source: 'photos' is not one of"),
+    ({"concepts": ["cat"], "model": "CompVis/stable-diffusion-v1-4", "data": {"source": "render"}},
+     "data.source: 'render' exists only for the toy world"),
 ])
 def test_bad_settings_fail_clearly(tmp_path, data, match):
     import torch
@@ -90,3 +95,20 @@ def test_immunize_settings_are_checked_before_running(tmp_path):
 def test_method_settings_are_checked_before_running(tmp_path, data, match):
     with pytest.raises(ConfigError, match=match):
         load_experiment(_write(tmp_path, data))
+
+
+def test_render_source_and_regularization_concepts_shape_the_data(tmp_path):
+    """data.source 'render': the toy renderer supplies immunization/attack images (attack = the attacker's
+    renders, seeds 20_000+); regularization_concepts add their own prompts to the prior's."""
+    from mima_lib import attack_data, stages, toyworld
+
+    cfg = load_experiment(_write(tmp_path, {"concepts": ["cat"], "data": {
+        "source": "render", "attack_images": 3, "immunization_images": 2, "reference_images": 2,
+        "regularization_concepts": ["dog", "van gogh"]}}))
+    parts = stages._concept_images(cfg, None, "cat", 0)  # no model needed: nothing is generated
+    assert [len(parts[k]) for k in ("immunize", "attack", "reference")] == [2, 3, 2]
+    expected, _ = attack_data.toy_attack_data("cat")
+    assert [im.tobytes() for im in parts["attack"]] == [im.tobytes() for im in expected[:3]]
+    assert parts["immunize"][0].tobytes() != parts["attack"][0].tobytes()
+    assert stages.regularization_prompts(cfg) == [toyworld.GENERIC_OBJECT_PROMPT, "a photo of a dog",
+                                                  toyworld.concept("van gogh").prompt]

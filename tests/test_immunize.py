@@ -149,6 +149,19 @@ def test_only_outer_parameters_change(method, order):
     assert [p.requires_grad for p in pipe.unet.parameters()] == flags  # restored after the run
 
 
+def test_unconditional_prior_preserves_the_empty_prompt_on_every_regularization_image():
+    pipe = tiny_pipe()
+    reg = {"artwork": reg_data(3), "a photo of an object": toyworld.render_many("cup", 2, size=16)}
+    plain = prepare(pipe, data(), reg, None, tiny_cfg())
+    uncond = prepare(pipe, data(), reg, None, tiny_cfg(prior_unconditional=True))
+    assert plain.reg_prompts == ["artwork", "a photo of an object"]
+    assert uncond.reg_prompts == plain.reg_prompts + [""]
+    assert torch.equal(uncond.prior_latents[-1], torch.cat(plain.prior_latents))  # all 5 images, once
+    assert torch.equal(uncond.prior_states[-1], diffusion.encode_prompts(pipe, [""])[0])
+    res = immunize(pipe, data(), reg, None, tiny_cfg(prior_unconditional=True), progress=False)
+    assert all(torch.isfinite(torch.tensor(res.losses)))
+
+
 def test_single_concept_imma_runs():
     pipe = tiny_pipe()
     res = immunize(pipe, data(["cat"]), reg_data(), "artwork", tiny_cfg(method="imma", inner_params="lora"),
