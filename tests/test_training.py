@@ -31,10 +31,12 @@ def test_resume_in_process_equals_uninterrupted(tmp_path):
     reference = w.detach().clone()
     w2, fn2 = _quadratic_problem()
     train(fn2, {"w": w2}, TrainConfig(steps=6, lr=0.1, seed=1, checkpoint_every=3), tmp_path, progress=False)
+    (tmp_path / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")  # what a kill mid-save leaves
     w3, fn3 = _quadratic_problem()  # a fresh process would start from scratch like this
     resumed = train(fn3, {"w": w3}, TrainConfig(steps=10, lr=0.1, seed=1, checkpoint_every=3), tmp_path,
                     progress=False)
     assert resumed.resumed_from == 6
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
     assert torch.equal(w3.detach(), reference)
     assert resumed.losses == full.losses
 
