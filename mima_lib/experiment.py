@@ -35,7 +35,7 @@ class DataConfig:
 @dataclass
 class EraseConfig:
     enabled: bool = True
-    lam: float = field(default=0.5, metadata={"min": 0.0})
+    lam: float | None = field(default=None, metadata={"min": 0.0})  # None: erase.PAPER_LAM, or TOY_LAM on the toy
     guide: str | None = ""  # the reference code's empty prompt; None: "artwork" / "a photo of an object" by kind
     preserve_scale: float = field(default=1.0, metadata={"min": 0.0})
     preserve: list[str] = field(default_factory=list)  # extra concepts to preserve (toy: all others by default)

@@ -66,6 +66,7 @@ def _fresh(folder: Path, settings: dict, force: bool) -> bool:
 
 def _settings(cfg: ExperimentConfig, *sections: str) -> dict:
     d = asdict(cfg)
+    d["erase"]["lam"] = erase_lam(cfg)  # the value used, so a changed default invalidates old outputs
     keep = {"model", "seed", "task", "concepts", "prompts", *sections}
     return {k: v for k, v in d.items() if k in keep}
 
@@ -226,9 +227,18 @@ class EraseResult:
         if not self.info.get("enabled", True):
             log("erasure disabled: later stages start from the base model")
             return
-        log(f"UCE edited {self.info['layers_edited']} cross-attention K/V layers (lam {self.cfg.erase.lam})")
+        log(f"UCE edited {self.info['layers_edited']} cross-attention K/V layers (lam {erase_lam(self.cfg)})")
         for c, acc in self.info.get("oracle_accuracy", {}).items():
             log(f"{c:>20s}: oracle accuracy {acc['before']:.0%} -> {acc['after']:.0%}")
+
+
+def erase_lam(cfg: ExperimentConfig) -> float:
+    """The UCE ridge: the file's, else the paper's 0.5 on a real model and the toy's measured value."""
+    from .erase import PAPER_LAM, TOY_LAM
+
+    if cfg.erase.lam is not None:
+        return cfg.erase.lam
+    return TOY_LAM if cfg.is_toy else PAPER_LAM
 
 
 def erase_settings(cfg: ExperimentConfig) -> dict:
@@ -256,7 +266,7 @@ def erase(cfg: ExperimentConfig, run_dir: Path, force: bool = False, n_show: int
                                            and c.name not in toyworld.HELDOUT_OBJECTS + toyworld.HELDOUT_ARTISTS]
                                           if cfg.is_toy else [])
         preserve = [concept_prompt(cfg, p) if p in cfg.prompts else p for p in preserve]
-        info = erase_concepts(pipe, prompts, guides, preserve, lam=cfg.erase.lam,
+        info = erase_concepts(pipe, prompts, guides, preserve, lam=erase_lam(cfg),
                               preserve_scale=cfg.erase.preserve_scale, token_positions=cfg.erase.token_positions)
         changed = {f"{n}.weight": m.weight for n, m in pipe.unet.named_modules()
                    if n in set(info["layer_names"])}
