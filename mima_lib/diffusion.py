@@ -39,18 +39,19 @@ def encode_images(vae, images, sample: bool = False, generator=None) -> torch.Te
     return z * vae.config.scaling_factor
 
 
-def noise_prediction_loss(unet, noise_scheduler, latents: torch.Tensor, text_states: torch.Tensor,
-                          generator: torch.Generator | None = None, reduction: str = "mean") -> torch.Tensor:
-    """The diffusion training loss: MSE between the true and predicted noise at a random timestep.
-
-    reduction='none' returns one loss per example, so callers can weight or split by concept.
-    """
-    b = latents.shape[0]
-    # draw on the generator's device, then move: a CPU generator (the seeded default) drives a GPU run
+def draw_noise(latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator | None):
+    """The random draws of one training loss (noise, then timesteps), made on the generator's device and
+    moved to the latents' device: a CPU generator (the seeded default) drives a GPU run."""
     gdev = generator.device if generator is not None else latents.device
     noise = torch.randn(latents.shape, generator=generator, device=gdev, dtype=latents.dtype).to(latents.device)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator,
+    t = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator,
                       device=gdev).to(latents.device)
+    return noise, t
+
+
+def noise_loss(unet, noise_scheduler, latents: torch.Tensor, text_states: torch.Tensor, noise: torch.Tensor,
+               t: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+    """The noise-prediction MSE for given draws (one value per example unless reduction='mean')."""
     noisy = noise_scheduler.add_noise(latents, noise, t)
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, t)
@@ -60,6 +61,16 @@ def noise_prediction_loss(unet, noise_scheduler, latents: torch.Tensor, text_sta
     dtype = torch.promote_types(pred.dtype, torch.float32)  # fp16/bf16 -> fp32; float64 stays (gradcheck)
     per_example = (pred.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(1)
     return per_example if reduction == "none" else per_example.mean()
+
+
+def noise_prediction_loss(unet, noise_scheduler, latents: torch.Tensor, text_states: torch.Tensor,
+                          generator: torch.Generator | None = None, reduction: str = "mean") -> torch.Tensor:
+    """The diffusion training loss: MSE between the true and predicted noise at a random timestep.
+
+    reduction='none' returns one loss per example, so callers can weight or split by concept.
+    """
+    noise, t = draw_noise(latents, noise_scheduler.config.num_train_timesteps, generator)
+    return noise_loss(unet, noise_scheduler, latents, text_states, noise, t, reduction)
 
 
 @torch.no_grad()

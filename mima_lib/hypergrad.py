@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .diffusion import draw_noise, noise_loss  # noqa: F401 (re-exported: the streamed step's loss pieces)
 from .merge import _apply_merge, _compute_dtype, _merge_system, is_cross_attention_kv, unique_rows
 from .paramsets import lora_delta
 
@@ -74,27 +75,6 @@ class Comm:
 
 
 LOCAL = Comm()
-
-
-# ------------------------------------------------------------------------------------ noise, loss
-def draw_noise(latents: Tensor, num_train_timesteps: int, gen: torch.Generator | None):
-    """The draws of :func:`mima_lib.diffusion.noise_prediction_loss`, in its order (noise, then timesteps),
-    made on the generator's device and moved to the latents' device: a CPU generator drives a GPU run."""
-    gdev = gen.device if gen is not None else latents.device
-    noise = torch.randn(latents.shape, generator=gen, device=gdev, dtype=latents.dtype).to(latents.device)
-    t = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=gen, device=gdev).to(latents.device)
-    return noise, t
-
-
-def noise_loss(model, sched, latents: Tensor, states: Tensor, noise: Tensor, t: Tensor,
-               reduction: str = "none") -> Tensor:
-    """The noise-prediction MSE of :func:`mima_lib.diffusion.noise_prediction_loss` for given draws."""
-    noisy = sched.add_noise(latents, noise, t)
-    target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
-    pred = model(noisy, t, states).sample
-    dtype = torch.promote_types(pred.dtype, torch.float32)
-    per = (pred.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(1)
-    return per if reduction == "none" else per.mean()
 
 
 def default_hvp_eps(scheme: str, dtype: torch.dtype) -> float:

@@ -162,11 +162,6 @@ def _model(unet, params: dict[str, Tensor]):
 
 
 def _loss(prob: Problem, params, latents, states, gen, reduction="mean"):
-    if gen is not None and gen.device != latents.device:  # a CPU generator drives sampling on a GPU
-        from .hypergrad import draw_noise, noise_loss
-
-        noise, t = draw_noise(latents, prob.sched.config.num_train_timesteps, gen)
-        return noise_loss(_model(prob.unet, params), prob.sched, latents, states, noise, t, reduction)
     return noise_prediction_loss(_model(prob.unet, params), prob.sched, latents, states, generator=gen,
                                  reduction=reduction)
 

@@ -112,12 +112,12 @@ def prepare(pipe, concept_images: dict, reg_images, reg_prompt, cfg, reg_caption
         caps = list(reg_captions) if reg_captions is not None else default_reg_captions()
         reg_rows = torch.cat(encode_prompt_tokens(pipe, caps)).to(dev, dt) if caps else token_rows[0][:0]
         use_reg = reg and cfg.prior_weight > 0
+        reg_prompts = list(reg) if use_reg else []
         prior_latents = [_encode(pipe, ims, cfg.hflip).to(dev, dt) for ims in reg.values()] if use_reg else []
-        prior_states = encode_prompts(pipe, list(reg)).to(dev, dt) if use_reg else None
         if use_reg and cfg.prior_unconditional and "" not in reg:  # one more group: "" on every prior image
-            reg[""] = [im for ims in reg.values() for im in ims]
+            reg_prompts.append("")
             prior_latents.append(torch.cat(prior_latents))
-            prior_states = torch.cat([prior_states, encode_prompts(pipe, [""]).to(dev, dt)])
+        prior_states = encode_prompts(pipe, reg_prompts).to(dev, dt) if use_reg else None
     if cfg.method == "mima" and any(is_cross_attention_kv(k) for k in inner):
         r = len(unique_rows(torch.cat(token_rows)))
         d_in = token_rows[0].shape[1]
@@ -126,5 +126,5 @@ def prepare(pipe, concept_images: dict, reg_images, reg_prompt, cfg, reg_caption
                              f"concept prompts give {r}: immunize fewer concepts at once or use shorter prompts")
     params = dict(unet.named_parameters())
     return Problem(unet, training_scheduler(pipe), cfg, prompts, latents, states, token_rows, reg_rows,
-                   list(reg) if use_reg else [], prior_latents, prior_states, params, inner, outer,
+                   reg_prompts, prior_latents, prior_states, params, inner, outer,
                    frozenset(outer))

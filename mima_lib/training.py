@@ -105,7 +105,7 @@ def train(step_fn: Callable[[int, torch.Generator], torch.Tensor | tuple[torch.T
     result, start = TrainResult(), 0
     ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
     if ckpt is not None:
-        ckpt.with_suffix(".pt.tmp").unlink(missing_ok=True)  # a save cut short by a kill: never valid
+        ckpt.with_suffix(ckpt.suffix + ".tmp").unlink(missing_ok=True)  # a save cut short by a kill: never valid
     if ckpt is not None and ckpt.exists():
         start, state = load_checkpoint(ckpt, params, opt, gen)
         result = TrainResult(list(state["losses"]), list(state["extras"]), resumed_from=start)

@@ -205,27 +205,15 @@ def test_graph_memory_is_flat_in_the_number_of_concepts():
 
 
 # ------------------------------------------------------------------------------------------ immunize()
-def test_immunize_with_streamed_steps_changes_only_s_u_and_resumes(tmp_path):
-    cfg = tiny_cfg(order=2, hypergrad="hvp", inner_params="unet", checkpoint_every=1)
+def test_immunize_with_streamed_steps_changes_only_s_u():
+    """(Resume of a streamed run: tests/test_immunize.py::test_resumed_run_equals_uninterrupted_run.)"""
+    cfg = tiny_cfg(order=2, hypergrad="hvp", inner_params="unet")
     pipe = tiny_pipe()
     before = {k: v.detach().clone() for k, v in pipe.unet.named_parameters()}
-    full = immunize(pipe, data(), reg_data(), "artwork", cfg, checkpoint_dir=tmp_path / "a", progress=False)
+    full = immunize(pipe, data(), reg_data(), "artwork", cfg, progress=False)
     changed = {k for k, v in pipe.unet.named_parameters() if not torch.equal(before[k], v)}
     assert changed and changed <= set(full.params) and all(".attn2." in k for k in full.params)
     assert all(set(e) == {"target", "prior"} for e in full.extras)
-
-    def crash(step):
-        if step == 2:
-            raise KeyboardInterrupt("simulated interruption")
-
-    with pytest.raises(KeyboardInterrupt):
-        immunize(tiny_pipe(), data(), reg_data(), "artwork", cfg, checkpoint_dir=tmp_path / "b", progress=False,
-                 on_step=crash)
-    resumed = immunize(tiny_pipe(), data(), reg_data(), "artwork", cfg, checkpoint_dir=tmp_path / "b",
-                       progress=False)
-    assert resumed.resumed_from == 1 and resumed.losses == full.losses
-    for k, v in full.params.items():
-        assert torch.equal(v, resumed.params[k]), k
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -169,9 +169,10 @@ def test_single_concept_imma_runs():
     assert len(res.losses) == 2 and all(torch.isfinite(torch.tensor(res.losses)))
 
 
-@pytest.mark.parametrize("method, order", [("mima", 2), ("imma-sequential", 1)])
-def test_resumed_run_equals_uninterrupted_run(tmp_path, method, order):
-    cfg = tiny_cfg(method=method, order=order, steps=2, checkpoint_every=1, inner_params="unet")
+@pytest.mark.parametrize("method, order, hypergrad", [("mima", 2, "autograd"), ("imma-sequential", 1, "autograd"),
+                                                     ("mima", 2, "hvp")])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, method, order, hypergrad):
+    cfg = tiny_cfg(method=method, order=order, steps=2, checkpoint_every=1, inner_params="unet", hypergrad=hypergrad)
     total = 2 * len(TARGETS) if method == "imma-sequential" else 2
     full = immunize(tiny_pipe(), data(), reg_data(), "artwork", cfg, checkpoint_dir=tmp_path / "a", progress=False)
 
