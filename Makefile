@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) -m mima_lib.run papermill_params/default.yaml
+	$(PY) -m mima_lib.experiment.run papermill_params/default.yaml
 
 test: venv
 	$(PY) -m pytest -q

@@ -3,7 +3,7 @@
     python benchmarks/bench_immunize.py                        # CPU: the embedded toy UNet
     python benchmarks/bench_immunize.py --device cuda --bf16   # GPU: toy and an SD-v1.4-sized UNet
 
-Methods (one outer step each = the MIMA step of mima_lib.immunize.bilevel_loss + the AdamW update of S_u):
+Methods (one outer step each = the MIMA step of mima_lib.method.immunize.bilevel_loss + the AdamW update of S_u):
   plain         one AdamW fine-tuning step of the whole UNet at the same batch (the reference)
   o1-autograd   first order, every adapted copy held at once (hypergrad='autograd', order 1)
   o1-stream     first order, concept by concept (hypergrad='hvp', order 1)
@@ -63,9 +63,9 @@ def sd14_unet(device):
 def load_model(name: str, device):
     """(unet, number of text tokens) for 'toy' (the embedded trained toy UNet) or 'sd14'."""
     if name == "toy":
-        from mima_lib.models import load_pipeline
+        from mima_lib.toy.model import load_toy_pipeline
 
-        pipe = load_pipeline("toy")
+        pipe = load_toy_pipeline()
         return pipe.unet.to(device), pipe.tokenizer.model_max_length
     if name == "sd14":
         return sd14_unet(device), 77
@@ -73,12 +73,12 @@ def load_model(name: str, device):
 
 
 def synthetic_problem(unet, n: int, cfg, tokens: int, seed: int = 0, images: int = 8, rows: int = 4):
-    """A mima_lib.immunize_data.Problem with random data: ``images`` latents per concept, text states, the
+    """A mima_lib.method.problem.Problem with random data: ``images`` latents per concept, text states, the
     first ``rows`` state rows of each concept as its merge targets, 600 regularization rows, one prior
     prompt with ``images`` latents."""
-    from mima_lib.immunize_data import Problem
-    from mima_lib.paramsets import select_params
-    from mima_lib.toymodel import training_scheduler
+    from mima_lib.method.problem import Problem
+    from mima_lib.method.paramsets import select_params
+    from mima_lib.toy.model import training_scheduler
 
     g = torch.Generator().manual_seed(seed)
     dev, dt = unet.device, unet.dtype
@@ -97,7 +97,7 @@ def synthetic_problem(unet, n: int, cfg, tokens: int, seed: int = 0, images: int
 
 
 def mima_config(method: str, batch: int):
-    from mima_lib.immunize import ImmunizeConfig
+    from mima_lib.method.immunize import ImmunizeConfig
 
     order = 1 if method.startswith("o1") else 2
     hyper = "autograd" if method.endswith("autograd") else "hvp"
@@ -124,9 +124,10 @@ def _autocast(device, bf16: bool):
 
 def make_step(method: str, unet, n: int, batch: int, tokens: int, device, bf16: bool):
     """A zero-argument callable running one step of ``method``, and the problem (None for plain)."""
-    from mima_lib.hypergrad import draw_noise, noise_loss
-    from mima_lib.immunize import bilevel_loss, plain_attention
-    from mima_lib.toymodel import training_scheduler
+    from mima_lib.method.diffusion import draw_noise, noise_loss
+    from mima_lib.method.bilevel import plain_attention
+    from mima_lib.method.immunize import bilevel_loss
+    from mima_lib.toy.model import training_scheduler
 
     if method == "plain":
         unet.requires_grad_(True)
@@ -227,7 +228,8 @@ def measure_isolated(model: str, method: str, n: int, args) -> dict:
 # ---------------------------------------------------------------------------------------------- check
 def check_accuracy(model: str, args) -> list[dict]:
     """Relative error of every exact method's S_u gradient against o2-autograd (and first order's)."""
-    from mima_lib.immunize import bilevel_loss, plain_attention
+    from mima_lib.method.bilevel import plain_attention
+    from mima_lib.method.immunize import bilevel_loss
 
     rows = []
     torch.manual_seed(0)

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -24,8 +26,8 @@ run_root = "../runs"  # run folders live here (ignored by git)
 force = False  # True: recompute outputs that already exist
 
 # %%
-from mima_lib import stages
-from mima_lib.experiment import load_experiment, run_dir_for
+from mima_lib.experiment import stages
+from mima_lib.experiment.config import load_experiment, run_dir_for
 
 cfg = load_experiment(params_file)
 run_dir = run_dir_for(cfg, run_root)

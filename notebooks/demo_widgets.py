@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -32,7 +34,8 @@ attack_steps = 60
 import ipywidgets as widgets
 from IPython.display import Markdown, display
 
-from mima_lib import demo, toyworld
+from mima_lib.experiment import demo
+from mima_lib.toy import world as toyworld
 
 choices = toyworld.TARGET_OBJECTS + toyworld.TARGET_ARTISTS
 

@@ -19,10 +19,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from mima_lib import toymodel, toyworld  # noqa: E402
-from mima_lib.erase import erase_concepts  # noqa: E402
-from mima_lib.immunize import ImmunizeConfig, immunize, save_immunized  # noqa: E402
-from mima_lib.immunize_eval import attack_losses, concept_losses  # noqa: E402
+from mima_lib.toy import model as toymodel  # noqa: E402
+from mima_lib.toy import world as toyworld  # noqa: E402
+from mima_lib.method.erase import erase_concepts  # noqa: E402
+from mima_lib.method.immunize import ImmunizeConfig, immunize, save_immunized  # noqa: E402
+from mima_lib.method.bilevel import attack_losses, concept_losses  # noqa: E402
 
 OBJECTS, ARTISTS = ["cat", "dog"], ["van gogh", "claude monet"]
 OTHERS = ["cup", "flower", "car", "katsushika hokusai", "pablo picasso"]  # never targeted here
@@ -47,9 +48,9 @@ def main(argv=None):
     if args.untrained:
         pipe = toymodel.build_pipeline()
     else:
-        from mima_lib.models import load_pipeline
+        from mima_lib.toy.model import load_toy_pipeline
 
-        pipe = load_pipeline("toy")
+        pipe = load_toy_pipeline()
     obj_guide, art_guide = ("", "") if args.guide == "empty" else (toyworld.GENERIC_OBJECT_PROMPT,
                                                                     toyworld.GENERIC_ARTWORK_PROMPT)
     others = [toyworld.concept(c).prompt for c in OTHERS]

@@ -15,10 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from mima_lib import toyworld  # noqa: E402
-from mima_lib.erase import erase_concepts  # noqa: E402
-from mima_lib.models import load_pipeline, load_toy_oracle  # noqa: E402
-from mima_lib.quality import recognition  # noqa: E402
+from mima_lib.toy import world as toyworld  # noqa: E402
+from mima_lib.method.erase import erase_concepts  # noqa: E402
+from mima_lib.toy.model import load_toy_pipeline  # noqa: E402
+from mima_lib.toy.oracle import load_toy_oracle  # noqa: E402
+from mima_lib.toy.quality import recognition  # noqa: E402
 
 TARGETS = ["van gogh", "claude monet", "cat", "umbrella"]
 OTHERS = ["dog", "car", "flower", "pablo picasso", "katsushika hokusai", "kilian eng"]
@@ -27,12 +28,12 @@ DEFAULT_SWEEP = [{"lam": 0.5}, {"lam": 2.0}, {"lam": 8.0}]
 
 def main(settings: list[dict], n: int = 16) -> None:
     oracle = load_toy_oracle()
-    base, _ = recognition(load_pipeline("toy"), oracle, OTHERS, n=n)
+    base, _ = recognition(load_toy_pipeline(), oracle, OTHERS, n=n)
     print(json.dumps({"base": base}), flush=True)
     preserve = [toyworld.concept(c).prompt for c in toyworld.BASE_OBJECTS + toyworld.BASE_ARTISTS
                 if c not in TARGETS]
     for s in settings:
-        pipe = load_pipeline("toy")
+        pipe = load_toy_pipeline()
         erase_concepts(pipe, [toyworld.concept(c).prompt for c in TARGETS], "", preserve,
                        **{"token_positions": "all", **s})
         erased, _ = recognition(pipe, oracle, TARGETS, n=n)

@@ -17,14 +17,14 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def toy_pipe_factory():
     """Load a fresh copy of the embedded toy model (each caller may modify its copy)."""
-    from mima_lib.models import load_pipeline
+    from mima_lib.toy.model import load_toy_pipeline
 
-    return lambda: load_pipeline("toy")
+    return lambda: load_toy_pipeline()
 
 
 @pytest.fixture(scope="session")
 def toy_oracle():
-    from mima_lib.models import load_toy_oracle
+    from mima_lib.toy.oracle import load_toy_oracle
 
     return load_toy_oracle()
 
@@ -36,7 +36,7 @@ def smoke_run(tmp_path_factory):
     Tests may re-run stages in it, but must not change its outputs."""
     from pathlib import Path
 
-    from mima_lib.run import run_sequence
+    from mima_lib.experiment.run import run_sequence
 
     params = Path(__file__).resolve().parent.parent / "papermill_params" / "smoke.yaml"
     return run_sequence(params, run_root=tmp_path_factory.mktemp("runs"), log=lambda m: None)

@@ -14,11 +14,14 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from mima_lib import attack_data, toymodel, toyworld  # noqa: E402
+from mima_lib.attacks import data as attack_data  # noqa: E402
+from mima_lib.toy import data as toy_data  # noqa: E402
+from mima_lib.toy import model as toymodel  # noqa: E402
+from mima_lib.toy import world as toyworld  # noqa: E402
 from mima_lib.attacks import (ATTACKS, CustomDiffusionSettings, LoraSettings, TextualInversionSettings,  # noqa: E402
                               copy_pipeline, custom_diffusion_multi_attack, load_attack, make_settings, run_attack,
                               save_attack, textual_inversion_attack)
-from mima_lib.diffusion import encode_prompts  # noqa: E402
+from mima_lib.method.diffusion import encode_prompts  # noqa: E402
 
 CAT = "a photo of a cat"
 QUICK = dict(snapshot_steps=(), progress=False)  # no snapshot generation in the plumbing tests
@@ -32,7 +35,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def cat_images():
-    return attack_data.toy_attack_data("cat", n=8)[0]
+    return toy_data.toy_attack_data("cat", n=8)[0]
 
 
 def _unet_out(pipe, prompt):
@@ -45,13 +48,13 @@ def _unet_out(pipe, prompt):
 # ---- attacker data: the folder layout and its validation --------------------------------------------
 
 def test_export_and_load_toy_concept(tmp_path):
-    folder = attack_data.export_toy_concept(tmp_path / "cat", "cat")
+    folder = toy_data.export_toy_concept(tmp_path / "cat", "cat")
     data = attack_data.load_concept_folder(folder, size=32)
     assert len(data) == 20 and data.prompt == CAT
     assert (folder / "metadata.csv").read_text().splitlines()[0] == "file_name,prompt"
     ref = toyworld.render("cat", attack_data.ATTACKER_SEED)
     assert np.array_equal(np.asarray(data.images[0]), np.asarray(ref))  # PNG is lossless
-    pers = attack_data.load_concept_folder(attack_data.export_toy_concept(tmp_path / "pc", "purple cat",
+    pers = attack_data.load_concept_folder(toy_data.export_toy_concept(tmp_path / "pc", "purple cat",
                                                                           "personalization"))
     assert pers.prompt == "a photo of <new1> cat"
 
@@ -59,12 +62,12 @@ def test_export_and_load_toy_concept(tmp_path):
 def test_toy_instances_are_new_concepts():
     assert len(toyworld.INSTANCES) >= 4
     for name, cls in toyworld.INSTANCES.items():
-        images, prompt = attack_data.toy_attack_data(name, "personalization")
+        images, prompt = toy_data.toy_attack_data(name, "personalization")
         assert len(images) == 20 and prompt == f"a photo of <new1> {cls}"
-        assert attack_data.class_prompt(name) == f"a photo of a {cls}"
-    assert attack_data.textual_inversion_prompt("cat") == "a photo of a <new1>"
+        assert toyworld.concept(name).class_prompt == f"a photo of a {cls}"
+    assert toyworld.concept("cat").textual_inversion_prompt("<new1>") == "a photo of a <new1>"
     with pytest.raises(ValueError, match="instance"):
-        attack_data.toy_attack_data("purple cat", "relearning")
+        toy_data.toy_attack_data("purple cat", "relearning")
 
 
 def _write(folder, n=3, size=32):
@@ -239,8 +242,8 @@ def test_checkpoint_resume_matches_uninterrupted(tiny, cat_images, tmp_path):
 
 
 def test_multi_concept_custom_diffusion(tiny):
-    dogs = attack_data.toy_attack_data("spotted dog", "personalization", n=4, token="<new2>")[0]
-    cats = attack_data.toy_attack_data("purple cat", "personalization", n=4)[0]
+    dogs = toy_data.toy_attack_data("spotted dog", "personalization", n=4, token="<new2>")[0]
+    cats = toy_data.toy_attack_data("purple cat", "personalization", n=4)[0]
     pipe = copy_pipeline(tiny)
     settings = CustomDiffusionSettings.toy(modifier_token=("<new1>", "<new2>"), steps=2)
     r = custom_diffusion_multi_attack(pipe, [(cats, "a photo of <new1> cat"), (dogs, "a photo of <new2> dog")],
@@ -278,11 +281,12 @@ def world():
     preserved), and the oracle. Shared by the module: attacks work on copies."""
     from types import SimpleNamespace
 
-    from mima_lib.erase import erase_concepts
-    from mima_lib.models import load_pipeline, load_toy_oracle
+    from mima_lib.method.erase import erase_concepts
+    from mima_lib.toy.model import load_toy_pipeline
+    from mima_lib.toy.oracle import load_toy_oracle
 
     torch.set_num_threads(1)
-    base = load_pipeline("toy")
+    base = load_toy_pipeline()
     erased = copy_pipeline(base)
     others = [toyworld.OBJECT_PROMPT.format(o) for o in toyworld.BASE_OBJECTS if o != "cat"]
     erase_concepts(erased, [CAT], [toyworld.GENERIC_OBJECT_PROMPT], others, lam=0.5)
@@ -290,7 +294,7 @@ def world():
 
 
 def _accuracy(world, pipe, prompt, concept):
-    from mima_lib.diffusion import generate
+    from mima_lib.method.diffusion import generate
 
     x = generate(pipe, [prompt] * N_EVAL, list(range(N_EVAL)), SAMPLE_STEPS, GUIDANCE)
     return world.oracle.accuracy(x, concept)
@@ -302,7 +306,7 @@ def test_erasure_leaves_cat_near_chance(world):
     assert _accuracy(world, world.erased, "a photo of a dog", "dog") >= 0.7  # other objects survive
 
 
-RELEARN_PROMPTS = {"textual_inversion": attack_data.textual_inversion_prompt("cat")}  # 'a photo of a <new1>'
+RELEARN_PROMPTS = {"textual_inversion": toyworld.concept("cat").textual_inversion_prompt("<new1>")}  # 'a photo of a <new1>'
 
 
 @pytest.mark.parametrize("method", ["lora", "custom_diffusion", "textual_inversion", "dreambooth"])
@@ -313,7 +317,7 @@ def test_relearning_restores_erased_concept(method, world):
     attacker keeps its best checkpoint; the paper likewise follows similarity over adaptation steps).
     On the toy model accuracy rises and falls between steps: the blurry generated cats sit near the
     oracle's cat/bird/flower boundaries, so one step alone would measure that boundary, not re-learning."""
-    images, _ = attack_data.toy_attack_data("cat")  # 20 attacker renders, seeds 20_000..20_019
+    images, _ = toy_data.toy_attack_data("cat")  # 20 attacker renders, seeds 20_000..20_019
     prompt = RELEARN_PROMPTS.get(method, CAT)
     settings = make_settings(method, None, "toy")
     assert EVAL_STEPS[method][-1] == settings.steps
@@ -328,7 +332,7 @@ def test_relearning_restores_erased_concept(method, world):
 
 def test_personalization_learns_a_new_instance(world):
     """Personalization: 'purple cat' is new to the model; LoRA learns it as 'a photo of <new1> cat'."""
-    images, prompt = attack_data.toy_attack_data("purple cat", "personalization")
+    images, prompt = toy_data.toy_attack_data("purple cat", "personalization")
     assert prompt == "a photo of <new1> cat"
     assert _accuracy(world, world.base, prompt, "purple cat") <= 0.15  # measured 0.0: plain cats
     steps = 150

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mima_lib.config import ConfigError, from_dict, load_yaml
-from mima_lib.experiment import ExperimentConfig, load_experiment
-from mima_lib.run import main as run_main
+from mima_lib.experiment.dataclass_yaml import ConfigError, from_dict, load_yaml
+from mima_lib.experiment.config import ExperimentConfig, load_experiment
+from mima_lib.experiment.run import main as run_main
 
 PARAMS = Path(__file__).resolve().parent.parent / "papermill_params"
 
@@ -34,7 +34,7 @@ def test_every_shipped_parameter_file_parses(name):
     ({"concepts": ["cat"], "data": {"attack_images": 0}}, "data.attack_images: 0 is below the minimum 1"),
     ({"concepts": ["cat"], "task": "relearn"}, "task: 'relearn' is not one of .*did you mean 'relearning'"),
     ({"concepts": ["cat"], "attack": {"methods": ["lora", "dreambath"]}}, "'dreambath' is not one of"),
-    ({"concepts": ["zebra"]}, "unknown toy-world concept 'zebra'.*prompts:"),
+    ({"concepts": ["zebra"]}, "unknown toy-world concept 'zebra'.*definitions:"),
     ({"concepts": []}, "concepts: the list is empty"),
     ({"concepts": ["cat", "cat"]}, "duplicate"),
     ({"concepts": ["cat"], "data": {"image_root": "/nowhere/at/all"}}, "image_root: folder /nowhere/at/all does not exist"),
@@ -100,15 +100,17 @@ def test_method_settings_are_checked_before_running(tmp_path, data, match):
 def test_render_source_and_regularization_concepts_shape_the_data(tmp_path):
     """data.source 'render': the toy renderer supplies immunization/attack images (attack = the attacker's
     renders, seeds 20_000+); regularization_concepts add their own prompts to the prior's."""
-    from mima_lib import attack_data, stages, toyworld
+    from mima_lib.experiment.stages import data as stage_data
+    from mima_lib.toy import data as toy_data
+    from mima_lib.toy import world as toyworld
 
     cfg = load_experiment(_write(tmp_path, {"concepts": ["cat"], "data": {
         "source": "render", "attack_images": 3, "immunization_images": 2, "reference_images": 2,
         "regularization_concepts": ["dog", "van gogh"]}}))
-    parts = stages._concept_images(cfg, None, "cat", 0)  # no model needed: nothing is generated
+    parts = stage_data._concept_images(cfg, None, "cat", 0)  # no model needed: nothing is generated
     assert [len(parts[k]) for k in ("immunize", "attack", "reference")] == [2, 3, 2]
-    expected, _ = attack_data.toy_attack_data("cat")
+    expected, _ = toy_data.toy_attack_data("cat")
     assert [im.tobytes() for im in parts["attack"]] == [im.tobytes() for im in expected[:3]]
     assert parts["immunize"][0].tobytes() != parts["attack"][0].tobytes()
-    assert stages.regularization_prompts(cfg) == [toyworld.GENERIC_OBJECT_PROMPT, "a photo of a dog",
+    assert stage_data.regularization_prompts(cfg) == [toyworld.GENERIC_OBJECT_PROMPT, "a photo of a dog",
                                                   toyworld.concept("van gogh").prompt]

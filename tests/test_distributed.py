@@ -1,4 +1,4 @@
-"""Concept-parallel MIMA (mima_lib.distributed): two CPU processes (gloo) started by `accelerate launch`
+"""Concept-parallel MIMA (mima_lib.method.distributed): two CPU processes (gloo) started by `accelerate launch`
 split three concepts and must give the single-process result: the same first-step gradient, the same
 per-step losses and the same weights after two steps, identical on both processes.
 
@@ -21,7 +21,7 @@ HELPERS = Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))
 import dist_immunize as D  # noqa: E402
 
-from mima_lib.distributed import TorchComm  # noqa: E402
+from mima_lib.method.distributed import TorchComm  # noqa: E402
 
 
 def _free_port() -> int:
@@ -78,7 +78,7 @@ def test_immunize_distributed_in_one_process_is_immunize():
     """Without a launcher the accelerator has one process: the same as immunize() with hypergrad='hvp'."""
     from accelerate import Accelerator
 
-    from mima_lib.distributed import immunize_distributed
+    from mima_lib.method.distributed import immunize_distributed
 
     pipe, data, reg, cfg = D.problem("o1_xattn_adamw")
     res = immunize_distributed(pipe, data, reg, "artwork", cfg, progress=False, accelerator=Accelerator(cpu=True))

@@ -8,8 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from mima_lib.erase import align_guide_rows, erase_concepts, uce_edit
-from mima_lib.text_tokens import encode_prompt_tokens, eos_positions
+from mima_lib.method.erase import align_guide_rows, erase_concepts, uce_edit
+from mima_lib.method.text_tokens import encode_prompt_tokens, eos_positions
 
 torch.set_num_threads(1)
 

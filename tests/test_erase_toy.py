@@ -1,9 +1,9 @@
 """UCE on the embedded toy model: erased concepts drop to near chance, the others keep their quality."""
 import numpy as np
 
-from mima_lib import toyworld
-from mima_lib.erase import TOY_LAM, erase_concepts
-from mima_lib.quality import recognition
+from mima_lib.toy import world as toyworld
+from mima_lib.method.erase import TOY_LAM, erase_concepts
+from mima_lib.toy.quality import recognition
 
 TARGETS = ["van gogh", "claude monet", "cat", "umbrella"]
 OTHERS = ["dog", "car", "flower", "pablo picasso", "katsushika hokusai", "kilian eng"]

@@ -13,11 +13,12 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from mima_lib import evaluate as ev  # noqa: E402
-from mima_lib import features as fx  # noqa: E402
-from mima_lib import toyworld  # noqa: E402
-from mima_lib.diffusion import images_to_tensor  # noqa: E402
-from mima_lib.models import TOY_MODEL, TOY_ORACLE  # noqa: E402
+from mima_lib.evaluation import metrics as ev  # noqa: E402
+from mima_lib.evaluation import features as fx  # noqa: E402
+from mima_lib.toy import world as toyworld  # noqa: E402
+from mima_lib.method.diffusion import images_to_tensor  # noqa: E402
+from mima_lib.toy.model import TOY_MODEL  # noqa: E402
+from mima_lib.toy.oracle import TOY_ORACLE, OracleExtractor, oracle_scorer  # noqa: E402
 
 HAVE_ORACLE = (TOY_ORACLE / "oracle.safetensors").exists()
 HAVE_TOY = HAVE_ORACLE and (TOY_MODEL / "model_index.json").exists()
@@ -42,7 +43,7 @@ def noisy(x, level, seed):
 
 
 def random_oracle(seed=0):
-    from mima_lib.oracle import OracleNet, ToyOracle
+    from mima_lib.toy.oracle import OracleNet, ToyOracle
 
     torch.manual_seed(seed)
     cs = toyworld.all_concepts()
@@ -115,7 +116,7 @@ def fake_run(concept, seed, corrupt):
 
 
 def toy_curves(oracle, seeds=(0, 1)):
-    ext = fx.OracleExtractor(oracle)
+    ext = OracleExtractor(oracle)
     refs = {c: renders(c, 6) for c in ("cat", "van gogh")}
     return {s: ev.collect_curves(refs, {"no defense": {c: fake_run(c, s, 0.0) for c in refs},
                                         "MIMA": {c: fake_run(c, s, 0.8) for c in refs}}, ext) for s in seeds}
@@ -132,7 +133,7 @@ def test_toy_numbers_reproducible_and_step0_sgr_zero():
 def test_plots_write_pngs(tmp_path):
     from PIL import Image
 
-    from mima_lib.plots import method_step_grid, plot_similarity_curves, write_report
+    from mima_lib.evaluation.plots import method_step_grid, plot_similarity_curves, write_report
 
     rows = ev.sgr_table(toy_curves(random_oracle(0), seeds=(0,)), extractor="oracle")
     fig = plot_similarity_curves(rows, "M", path=tmp_path / "m.png")
@@ -157,10 +158,10 @@ def test_utility_rows():
     scorer = lambda images, prompts, concept=None: images.mean((1, 2, 3)).numpy()  # noqa: E731
     rep = ev.utility_report({"cup": np.ones(3)}, {"cup": np.ones(3)}, base, imm, scorer)
     assert [r["check"] for r in rep] == ["generation", "finetune", "finetune"] and rep[1]["ratio"] == 1.0
-    sc = ev.oracle_scorer(random_oracle(0))(renders("cat", 3), [toyworld.concept("cat").prompt] * 3)
+    sc = oracle_scorer(random_oracle(0))(renders("cat", 3), [toyworld.concept("cat").prompt] * 3)
     assert sc.shape == (3,) and set(sc) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="concept="):
-        ev.oracle_scorer(random_oracle(0))(renders("cat", 1), ["a <new1> cat"])
+        oracle_scorer(random_oracle(0))(renders("cat", 1), ["a <new1> cat"])
 
 
 # ---------------------------------------------------------------- extractors: real loading path, tiny weights
@@ -247,20 +248,21 @@ def test_lpips_missing_says_how_to_install():
 
 
 # ---------------------------------------------------------------- the embedded toy world (when built)
-@pytest.mark.skipif(not HAVE_ORACLE, reason="toy oracle not built yet (python -m mima_lib.build_toy)")
+@pytest.mark.skipif(not HAVE_ORACLE, reason="toy oracle not built yet (python -m mima_lib.toy.build)")
 def test_trained_oracle_orders_similarity():
-    ext = fx.make_extractor("oracle")
+    ext = OracleExtractor()
     ref = renders("cat", 8)
     same = ev.mean_pairwise_similarity(ref, renders("cat", 8, 500), ext)
     other = ev.mean_pairwise_similarity(ref, renders("van gogh", 8, 500), ext)
     assert same > other and ev.sgr(same, other) > 0
 
 
-@pytest.mark.skipif(not HAVE_TOY, reason="toy model not built yet (python -m mima_lib.build_toy)")
+@pytest.mark.skipif(not HAVE_TOY, reason="toy model not built yet (python -m mima_lib.toy.build)")
 def test_toy_generation_utility_reproducible():
-    from mima_lib.models import load_pipeline, load_toy_oracle
+    from mima_lib.toy.model import load_toy_pipeline
+    from mima_lib.toy.oracle import load_toy_oracle
 
-    pipe, scorer = load_pipeline("toy"), ev.oracle_scorer(load_toy_oracle())
+    pipe, scorer = load_toy_pipeline(), oracle_scorer(load_toy_oracle())
     prompts = {c: toyworld.concept(c).prompt for c in toyworld.NEUTRAL_OBJECTS}
     a = ev.score_generations(pipe, prompts, [0, 1, 2, 3], scorer, steps=10)
     b = ev.score_generations(pipe, prompts, [0, 1, 2, 3], scorer, steps=10)

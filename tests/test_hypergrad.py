@@ -1,4 +1,4 @@
-"""Tests of the streamed MIMA step (mima_lib.hypergrad, ``ImmunizeConfig(hypergrad='hvp')``): it computes the
+"""Tests of the streamed MIMA step (mima_lib.method.hypergrad, ``ImmunizeConfig(hypergrad='hvp')``): it computes the
 same objective and, in float64, the same exact hypergradient as the autograd double-backward path; it is the
 derivative of its own objective (central differences of J); its autograd-graph memory does not grow with the
 number of concepts; immunize() runs, resumes and fails early with it."""
@@ -11,8 +11,12 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from mima_lib import diffusion, hypergrad, toymodel, toyworld  # noqa: E402
-from mima_lib.immunize import ImmunizeConfig, bilevel_loss, immunize, plain_attention, prepare  # noqa: E402
+from mima_lib.method import diffusion, hypergrad  # noqa: E402
+from mima_lib.toy import model as toymodel  # noqa: E402
+from mima_lib.toy import world as toyworld  # noqa: E402
+from mima_lib.method.bilevel import plain_attention  # noqa: E402
+from mima_lib.method.immunize import ImmunizeConfig, bilevel_loss, immunize  # noqa: E402
+from mima_lib.method.problem import prepare  # noqa: E402
 
 SMALL = toymodel.ToyModelConfig(image_size=16, text_dim=32, unet_channels=(16, 32), vae_channels=(16, 16))
 TARGETS = ["cat", "van gogh"]
@@ -134,8 +138,8 @@ def test_explicit_draws_reproduce_noise_prediction_loss():
     lat, st = torch.randn(3, 4, 8, 8), torch.randn(3, 16, 32)
     expected = diffusion.noise_prediction_loss(unet, sched, lat, st, generator=torch.Generator().manual_seed(5),
                                                reduction="none")
-    noise, t = hypergrad.draw_noise(lat, 1000, torch.Generator().manual_seed(5))
-    assert torch.equal(hypergrad.noise_loss(unet, sched, lat, st, noise, t), expected)
+    noise, t = diffusion.draw_noise(lat, 1000, torch.Generator().manual_seed(5))
+    assert torch.equal(diffusion.noise_loss(unet, sched, lat, st, noise, t), expected)
 
 
 # ------------------------------------------------------------------------------------------ memory

@@ -1,4 +1,4 @@
-"""Tests of mima_lib.immunize: MIMA's exact hypergradient, the baselines, resume, saving, early errors, and
+"""Tests of mima_lib.method.immunize: MIMA's exact hypergradient, the baselines, resume, saving, early errors, and
 (on the trained toy model) that immunization raises the merged simulated-attack loss on the targets while
 leaving other concepts' loss nearly unchanged."""
 import os
@@ -10,12 +10,15 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-import mima_lib.immunize as IM  # noqa: E402
-from mima_lib import diffusion, toymodel, toyworld  # noqa: E402
-from mima_lib.immunize import (ImmunizeConfig, bilevel_loss, immunize, load_immunized, plain_attention,  # noqa: E402
-                               prepare, save_immunized)
-from mima_lib.immunize_eval import attack_losses, concept_losses  # noqa: E402
-from mima_lib.models import TOY_MODEL  # noqa: E402
+import mima_lib.method.bilevel as IM  # noqa: E402
+from mima_lib.method import diffusion  # noqa: E402
+from mima_lib.toy import model as toymodel  # noqa: E402
+from mima_lib.toy import world as toyworld  # noqa: E402
+from mima_lib.method.bilevel import attack_losses, concept_losses, plain_attention  # noqa: E402
+from mima_lib.method.immunize import (ImmunizeConfig, bilevel_loss, config_from_json, immunize,  # noqa: E402
+                                      load_immunized, save_immunized)
+from mima_lib.method.problem import prepare  # noqa: E402
+from mima_lib.toy.model import TOY_MODEL  # noqa: E402
 
 SMALL = toymodel.ToyModelConfig(image_size=16, text_dim=32, unet_channels=(16, 32), vae_channels=(16, 16))
 TARGETS = ["cat", "van gogh"]
@@ -202,7 +205,7 @@ def test_save_and_load_only_the_changed_parameters(tmp_path):
     fresh = tiny_pipe()
     info = load_immunized(fresh, folder)
     assert info["config"]["outer_params"] == "xattn-kv" and info["concepts"] == list(data())
-    assert IM.config_from_json(info) == res.config
+    assert config_from_json(info) == res.config
     for k, v in _unet_state(fresh).items():
         assert torch.equal(v, _unet_state(pipe)[k]), k
     other = toymodel.build_pipeline(toymodel.ToyModelConfig(image_size=16, text_dim=32, unet_channels=(32, 64),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mima_lib.merge import (
+from mima_lib.method.merge import (
     is_cross_attention_kv,
     merge_cross_attention,
     merge_mean,

@@ -7,7 +7,7 @@ import jupytext
 import nbformat
 import pytest
 
-from mima_lib.run import NOTEBOOK_DIR, SEQUENCE, run_sequence
+from mima_lib.experiment.run import NOTEBOOK_DIR, SEQUENCE, run_sequence
 
 PARAMS = Path(__file__).resolve().parent.parent / "papermill_params"
 # smoke_run (conftest.py): one uninterrupted run of papermill_params/smoke.yaml, shared with test_resume_stages.py

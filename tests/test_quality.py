@@ -3,9 +3,9 @@ and a never-seen concept can be learned by LoRA (else immunization could not be 
 import numpy as np
 import pytest
 
-from mima_lib import toyworld
-from mima_lib.oracle import held_out_accuracy
-from mima_lib.quality import adaptability, recognition, summarize
+from mima_lib.toy import world as toyworld
+from mima_lib.toy.oracle import held_out_accuracy
+from mima_lib.toy.quality import adaptability, recognition, summarize
 
 
 def test_oracle_recognises_held_out_renders(toy_oracle):

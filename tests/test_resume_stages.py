@@ -13,8 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mima_lib import stages
-from mima_lib.experiment import load_experiment, run_dir_for
+from mima_lib.experiment import stages
+from mima_lib.experiment.stages.data import PART_DONE
+from mima_lib.experiment.config import load_experiment, run_dir_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_HELPER = Path(__file__).parent / "helpers" / "data_small.py"
@@ -80,10 +81,10 @@ def test_killed_data_stage_resumes_byte_identical(tmp_path):
     # a 1 s pause before each generation call leaves a wide window between the first complete part and the end
     victim = subprocess.Popen([sys.executable, str(DATA_HELPER), str(params), str(tmp_path / "killed"), "1.0"],
                               env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(victim, lambda: any(data.rglob(stages.PART_DONE)), 240)
+    _wait_for(victim, lambda: any(data.rglob(PART_DONE)), 240)
     _kill_tree(victim)
     assert victim.returncode == -signal.SIGKILL
-    done = sorted(m.parent for m in data.rglob(stages.PART_DONE))
+    done = sorted(m.parent for m in data.rglob(PART_DONE))
     assert done, "no part was complete when the data stage was killed"
     assert not (data / "manifest.json").exists(), "the data stage finished before it could be killed"
     assert len(done) < 11, "every part was already written when the data stage was killed"
@@ -113,13 +114,13 @@ def test_data_stage_redoes_incomplete_parts_and_cleans_temporaries(tmp_path):
     reference = _files(data)
 
     (data / "manifest.json").unlink()  # the stage never finished ...
-    (data / "cat" / "attack" / stages.PART_DONE).unlink()  # ... a part written by older code, no marker
+    (data / "cat" / "attack" / PART_DONE).unlink()  # ... a part written by older code, no marker
     (data / "cat" / "attack" / "0001.png").write_bytes(b"\x89PNG truncated")
     shutil.rmtree(data / "van_gogh" / "reference")  # a part that was never written ...
     (data / "van_gogh" / ".reference.4242.tmp").mkdir()  # ... its writer killed mid-way
     (data / "van_gogh" / ".reference.4242.tmp" / "0000.png").write_bytes(b"half")
     (data / ".manifest.json.abc.tmp").write_bytes(b"{")  # an interrupted atomic_write_text
-    marker = data / "regularization" / "artwork" / stages.PART_DONE  # a part of a run with other settings
+    marker = data / "regularization" / "artwork" / PART_DONE  # a part of a run with other settings
     record = json.loads(marker.read_text())
     record["settings"]["data"]["sample_steps"] = 7
     marker.write_text(json.dumps(record))
@@ -156,7 +157,7 @@ def _comparable(rel: str, content: bytes):
 
 
 def test_killed_run_of_the_sequence_resumes_identical(smoke_run, tmp_path):
-    cmd = [sys.executable, "-m", "mima_lib.run", str(PARAMS / "smoke.yaml"), "--run-root", str(tmp_path)]
+    cmd = [sys.executable, "-m", "mima_lib.experiment.run", str(PARAMS / "smoke.yaml"), "--run-root", str(tmp_path)]
     run_dir = tmp_path / smoke_run.name
     attacks = run_dir / "attacks"
     # order of the attacks: no defense, mima, imma-joint x van gogh, cat; kill the third one after its first

@@ -5,9 +5,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from mima_lib import toymodel
-from mima_lib.diffusion import generate
-from mima_lib.models import TOY_MODEL, load_pipeline
+from mima_lib.toy import model as toymodel
+from mima_lib.method.diffusion import generate
+from mima_lib.method.pipeline import load_pipeline
+from mima_lib.toy.model import TOY_MODEL, load_toy_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def test_save_load_round_trip(saved_random):
 
 
 def test_embedded_model_has_sd_structure():
-    pipe = load_pipeline("toy")
+    pipe = load_toy_pipeline()
     names = [n for n, _ in pipe.unet.named_modules()]
     assert any(n.endswith("attn2.to_k") for n in names) and any(n.endswith("attn2.to_v") for n in names)
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from mima_lib import toymodel, toyworld
+from mima_lib.toy import model as toymodel
+from mima_lib.toy import world as toyworld
 
 
 def test_render_is_deterministic():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from mima_lib.training import TrainConfig, lr_factor, train
+from mima_lib.method.training import TrainConfig, lr_factor, train
 
 HELPER = Path(__file__).parent / "helpers" / "train_small.py"
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +80,7 @@ ATTACK = Path(__file__).parent / "helpers" / "attack_small.py"
 
 
 def test_killed_attack_resumes_with_identical_weights_and_snapshots(tmp_path):
-    from mima_lib.artifacts import load_tensors
+    from mima_lib.method.tensor_io import load_tensors
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     run = lambda out: subprocess.Popen([sys.executable, str(ATTACK), str(out)], env=env,  # noqa: E731

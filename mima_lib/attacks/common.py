@@ -18,8 +18,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..diffusion import encode_images, encode_prompts, generate, noise_prediction_loss
-from ..training import TrainConfig, train
+from ..method.diffusion import (encode_images, encode_prompts, generate, images_to_tensor, noise_prediction_loss,
+                                tensor_to_images, training_scheduler)
+from ..method.tensor_io import load_tensors, save_tensors
+from ..method.training import TrainConfig, train
 
 # Steps at which attacks generate snapshot images by default: before the attack (0) and every 10 steps
 # up to 40 (the paper's tables report step 40); LoRA adds 100/200/400 (its figures report step 400).
@@ -79,15 +81,15 @@ def validate_images(images, pipe, what: str = "attack images") -> None:
         for i, im in enumerate(images):
             if not hasattr(im, "size") or not hasattr(im, "convert"):
                 raise TypeError(f"{what}[{i}] is a {type(im).__name__}, not a PIL image; load images with "
-                                "PIL.Image.open or mima_lib.attack_data.load_concept_folder")
+                                "PIL.Image.open or mima_lib.attacks.data.load_concept_folder")
             sizes.add(tuple(im.size))
     if len(sizes) > 1:
         raise ValueError(f"{what} have mismatched sizes {sorted(sizes)}; resize them all to {size}x{size} "
-                         "(attack_data.load_concept_folder(..., resize=True) does it)")
+                         "(attacks.data.load_concept_folder(..., resize=True) does it)")
     (w, h), = sizes
     if (w, h) != (size, size):
         raise ValueError(f"{what} are {w}x{h} but the model makes {size}x{size} images; resize them "
-                         "(attack_data.load_concept_folder(..., resize=True) does it)")
+                         "(attacks.data.load_concept_folder(..., resize=True) does it)")
 
 
 def validate_prompt(prompt, what: str = "prompt") -> str:
@@ -99,8 +101,6 @@ def validate_prompt(prompt, what: str = "prompt") -> str:
 def generate_class_images(pipe, class_prompt: str, n: int, seed: int = 1_000_000, sample_steps: int = 25,
                           guidance: float = 5.0, progress: bool = False):
     """Prior-preservation images: what the model itself makes for the class prompt (DreamBooth's recipe)."""
-    from ..diffusion import tensor_to_images
-
     x = generate(pipe, [class_prompt] * n, list(range(seed, seed + n)), sample_steps, guidance, progress=progress)
     return tensor_to_images(x)
 
@@ -125,8 +125,6 @@ def finetune(pipe, images, prompt: str, params: dict[str, torch.Tensor], cfg: Tr
 
 def _latents_of(pipe, images, hflip: bool) -> torch.Tensor:
     """(2 if hflip else 1, N, C, h, w): latents of the images and, with hflip, of their mirror images."""
-    from ..diffusion import images_to_tensor
-
     x = images_to_tensor(images)
     outs = [encode_images(pipe.vae, x)]
     if hflip:
@@ -168,7 +166,7 @@ def finetune_concepts(pipe, concepts: Sequence[tuple], params: dict[str, torch.T
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
-    noise_sched = _training_scheduler(pipe)
+    noise_sched = training_scheduler(pipe)
     latents = [_latents_of(pipe, ims, hflip) for ims, _ in concepts]
     prior_latents = _latents_of(pipe, class_images, hflip) if use_prior else None
     prompts = [p for _, p in concepts]
@@ -231,28 +229,16 @@ def finetune_concepts(pipe, concepts: Sequence[tuple], params: dict[str, torch.T
 
 
 def _save_snapshot(folder, step: int, images: torch.Tensor) -> None:
-    from ..artifacts import save_tensors
-
     save_tensors({"images": images}, Path(folder) / f"snapshot_{step:06d}.safetensors")
 
 
 def _load_snapshots(folder) -> dict[int, torch.Tensor]:
-    from ..artifacts import load_tensors
-
     return {int(p.stem.split("_")[1]): load_tensors(p)["images"]
             for p in sorted(Path(folder).glob("snapshot_*.safetensors"))}
 
 
 def _has_checkpoint(folder) -> bool:
-    from pathlib import Path
-
     return (Path(folder) / "checkpoint.pt").exists()
-
-
-def _training_scheduler(pipe):
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
 def freeze_pipeline(pipe) -> None:

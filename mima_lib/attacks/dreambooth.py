@@ -3,7 +3,7 @@ preservation (class images under the class prompt, loss weight `prior_weight`).
 
 Reference code (IMMA's scripts, diffusers' train_dreambooth.py): lr 5e-6, batch 1, constant schedule,
 no prior preservation in the attack; the paper's tables report step 40. The adapted model is a full
-pipeline: `save_dreambooth` writes it with `save_pretrained`, `mima_lib.models.load_pipeline` reloads it.
+pipeline: `save_dreambooth` writes it with `save_pretrained`, `mima_lib.method.pipeline.load_pipeline` reloads it.
 """
 from __future__ import annotations
 
@@ -73,14 +73,14 @@ def dreambooth_attack(pipe, images, prompt: str, settings: DreamBoothSettings | 
 
 
 def save_dreambooth(pipe, folder) -> Path:
-    """Write the adapted pipeline (diffusers layout); reload with mima_lib.models.load_pipeline(folder)."""
+    """Write the adapted pipeline (diffusers layout); reload with mima_lib.method.pipeline.load_pipeline(folder)."""
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
 def load_dreambooth(folder, **load_kwargs):
-    """Load a pipeline written by save_dreambooth (same as mima_lib.models.load_pipeline)."""
-    from ..models import load_pipeline
+    """Load a pipeline written by save_dreambooth (same as mima_lib.method.pipeline.load_pipeline)."""
+    from ..method.pipeline import load_pipeline
 
     return load_pipeline(str(Path(folder).resolve()), **load_kwargs)

@@ -9,16 +9,16 @@ import torch
 
 torch.set_num_threads(1)
 
-from mima_lib import toyworld  # noqa: E402
-from mima_lib.artifacts import save_tensors  # noqa: E402
+from mima_lib.toy import world as toyworld  # noqa: E402
+from mima_lib.method.tensor_io import save_tensors  # noqa: E402
 from mima_lib.attacks import run_attack  # noqa: E402
-from mima_lib.models import load_pipeline  # noqa: E402
+from mima_lib.toy.model import load_toy_pipeline  # noqa: E402
 
 STEPS, SNAPSHOTS = 40, [0, 10, 20, 30, 40]
 
 
 def main(out: Path) -> None:
-    pipe = load_pipeline("toy")
+    pipe = load_toy_pipeline()
     images = toyworld.render_many("boat", 8, 20_000)
     result = run_attack("lora", pipe, images, "a photo of a boat", {"steps": STEPS, "snapshot_steps": SNAPSHOTS},
                         snapshot_prompts=["a photo of a boat"] * 2, snapshot_seeds=[0, 1], sample_steps=4,

@@ -16,19 +16,20 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from mima_lib import stages  # noqa: E402
-from mima_lib.experiment import load_experiment, run_dir_for  # noqa: E402
+from mima_lib.experiment import stages  # noqa: E402
+from mima_lib.experiment.stages import data as stage_data  # noqa: E402
+from mima_lib.experiment.config import load_experiment, run_dir_for  # noqa: E402
 
 
 def main(params: Path, run_root: Path, pause: float) -> None:
     if pause:
-        generate = stages.generate
+        generate = stage_data.generate
 
         def slow_generate(*args, **kwargs):
             time.sleep(pause)
             return generate(*args, **kwargs)
 
-        stages.generate = slow_generate
+        stage_data.generate = slow_generate
     cfg = load_experiment(params)
     stages.make_data(cfg, run_dir_for(cfg, run_root))
 

@@ -2,7 +2,7 @@
 
     accelerate launch --multi_gpu --num_processes 2 tests/helpers/dist_immunize.py OUT_DIR VARIANT [VARIANT ...]
 
-Every process runs :func:`mima_lib.distributed.immunize_distributed` (gloo on the CPU) for each named variant
+Every process runs :func:`mima_lib.method.distributed.immunize_distributed` (gloo on the CPU) for each named variant
 and writes OUT_DIR/{variant}_rank{r}.pt with the changed parameters, the per-step losses and the gradient of
 the first step. The test imports :func:`run_single`, :func:`one_gradient` and :data:`VARIANTS` from here to
 run the same problems in one process.
@@ -16,8 +16,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from mima_lib import toymodel, toyworld  # noqa: E402
-from mima_lib.immunize import ImmunizeConfig, immunize  # noqa: E402
+from mima_lib.toy import model as toymodel  # noqa: E402
+from mima_lib.toy import world as toyworld  # noqa: E402
+from mima_lib.method.immunize import ImmunizeConfig, immunize  # noqa: E402
 
 SMALL = toymodel.ToyModelConfig(image_size=16, text_dim=32, unet_channels=(16, 32), vae_channels=(16, 16))
 CONCEPTS = ["cat", "van gogh", "dog"]  # three concepts on two processes: an uneven split
@@ -55,8 +56,8 @@ def run_single(variant: str):
 
 def one_gradient(variant: str, comm=None) -> dict:
     """dJ/dS_u of the first outer step at the initial weights (one process when ``comm`` is None)."""
-    from mima_lib.hypergrad import streamed_step
-    from mima_lib.immunize import prepare
+    from mima_lib.method.hypergrad import streamed_step
+    from mima_lib.method.problem import prepare
 
     pipe, data, reg, cfg = problem(variant)
     prob = prepare(pipe, data, reg, "artwork", cfg)
@@ -68,7 +69,7 @@ def one_gradient(variant: str, comm=None) -> dict:
 def main(out: str, variants: list[str]) -> None:
     from accelerate import Accelerator
 
-    from mima_lib.distributed import TorchComm, immunize_distributed
+    from mima_lib.method.distributed import TorchComm, immunize_distributed
 
     acc = Accelerator(cpu=True)
     for variant in variants:

@@ -10,9 +10,9 @@ import torch
 
 torch.set_num_threads(1)
 
-from mima_lib import toymodel  # noqa: E402
-from mima_lib.diffusion import noise_prediction_loss  # noqa: E402
-from mima_lib.training import TrainConfig, train  # noqa: E402
+from mima_lib.toy import model as toymodel  # noqa: E402
+from mima_lib.method.diffusion import noise_prediction_loss  # noqa: E402
+from mima_lib.method.training import TrainConfig, train  # noqa: E402
 
 
 def main(out: Path, steps: int, pause: float) -> None:

@@ -1,0 +1,152 @@
+"""Pictures for experiments: labelled image grids, similarity (or SGR) vs adaptation step, and method x step
+image grids.
+
+Both write PNGs and return the figure/image, so notebooks can show them inline (`display(fig)`).
+Figures are built with `matplotlib.figure.Figure` (Agg), never through pyplot, so nothing leaks between calls.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure  # Agg rendering without pyplot: no global state, works headless
+from PIL import Image, ImageDraw
+
+from ..method.diffusion import tensor_to_images
+
+
+def image_grid(images, rows: int, cols: int, scale: int = 1, labels: list[str] | None = None) -> Image.Image:
+    """Tile images (PIL or a [-1,1] tensor) into a rows x cols grid, optionally with row labels on the left."""
+    if isinstance(images, torch.Tensor):
+        images = tensor_to_images(images)
+    w, h = images[0].size
+    pad = 0 if labels is None else 7 * max(len(s) for s in labels) // scale + 4
+    grid = Image.new("RGB", (pad + cols * w, rows * h), (255, 255, 255))
+    for k, im in enumerate(images[:rows * cols]):
+        grid.paste(im, (pad + (k % cols) * w, (k // cols) * h))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    if labels is not None:
+        from PIL import ImageFont
+
+        d, font = ImageDraw.Draw(grid), ImageFont.load_default(size=11)  # the bitmap default eats spaces
+        for r, text in enumerate(labels[:rows]):
+            d.text((2, r * h * scale + h * scale // 2 - 6), text, fill=(0, 0, 0), font=font)
+    return grid
+
+
+def plot_similarity_curves(rows: list[dict], metric: str = "M", concepts: list[str] | None = None,
+                           methods: list[str] | None = None, extractor: str | None = None, path=None,
+                           title: str | None = None, ncols: int = 4):
+    """One panel per concept (plus 'all' for MSGR): mean over seeds vs step per method, 95% CI shaded.
+
+    rows: `metrics.sgr_table` output. metric: 'M' (raw similarity of every run, the no-defense one included),
+    'SGR', or 'MSGR' (one panel). extractor: which one, when the rows hold several.
+    """
+    rows = [r for r in rows if r["metric"] == metric and extractor in (None, r.get("extractor"))]
+    if not rows:
+        raise ValueError(f"plot_similarity_curves: no rows with metric {metric!r} (extractor {extractor!r})")
+    if len({r.get("extractor") for r in rows}) > 1:
+        raise ValueError("plot_similarity_curves: rows of several extractors; pick one with extractor=")
+    concepts = concepts or list(dict.fromkeys(r["concept"] for r in rows))
+    methods = methods or list(dict.fromkeys(r["method"] for r in rows))
+    ncols = min(ncols, len(concepts))
+    nrows = math.ceil(len(concepts) / ncols)
+    fig = Figure(figsize=(3.6 * ncols, 2.8 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    extractor = rows[0].get("extractor") or ""
+    label = {"M": f"similarity M ({extractor})" if extractor else "similarity M"}.get(metric, metric)
+    for ax, concept in zip(axes.flat, concepts):
+        for method in methods:
+            pts = sorted((r["step"], r["mean"], r["ci95"]) for r in rows
+                         if r["concept"] == concept and r["method"] == method)
+            if not pts:
+                continue
+            steps, mean, ci = zip(*pts)
+            line, = ax.plot(steps, mean, marker="o", ms=3, label=method)
+            lo = [m - (0 if math.isnan(c) else c) for m, c in zip(mean, ci)]
+            hi = [m + (0 if math.isnan(c) else c) for m, c in zip(mean, ci)]
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+        ax.set_title(concept if metric != "MSGR" else "MSGR (mean over concepts)", fontsize=9)
+        ax.set_xlabel("adaptation step", fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(concepts):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def method_step_grid(snapshots: dict, steps: list[int] | None = None, index: int = 0, scale: int = 3,
+                     path=None) -> Image.Image:
+    """Rows: methods, columns: adaptation steps; each cell is image `index` of that run's snapshot.
+
+    snapshots: {method: AttackResult or {step: images}} (images as a [-1,1] tensor or PIL list). The same index
+    has the same prompt and seed in every run, so the grid compares like with like.
+    """
+    runs = {m: getattr(s, "snapshots", s) for m, s in snapshots.items()}
+    steps = steps or sorted(set.intersection(*(set(r) for r in runs.values())))
+    if not steps:
+        raise ValueError("method_step_grid: the runs share no snapshot step")
+    cells = []
+    for method, run in runs.items():
+        for step in steps:
+            if step not in run:
+                raise KeyError(f"method_step_grid: {method!r} has no snapshot at step {step}")
+            img = run[step][index]
+            cells.append(img if isinstance(img, Image.Image) else tensor_to_images(img[None])[0])
+    labels = list(runs)
+    grid = image_grid(cells, len(runs), len(steps), scale=scale, labels=labels)
+    return _with_header(grid, [f"step {s}" for s in steps], cells[0].size[0] * scale, path)
+
+
+def _with_header(grid: Image.Image, headers: list[str], cell_w: int, path) -> Image.Image:
+    """Add a row of column titles above a grid whose cells are cell_w wide (right-aligned block)."""
+    pad = grid.width - cell_w * len(headers)
+    out = Image.new("RGB", (grid.width, grid.height + 14), (255, 255, 255))
+    out.paste(grid, (0, 14))
+    d = ImageDraw.Draw(out)
+    for k, text in enumerate(headers):
+        d.text((pad + k * cell_w + 2, 1), text, fill=(0, 0, 0))
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        out.save(path)
+    return out
+
+
+def write_report(folder, name: str, rows: list[dict], snapshots: dict | None = None, step: int | None = None,
+                 index: int = 0) -> list[Path]:
+    """Everything an experiment ends with, in one folder: the tidy table (CSV + markdown), the paper-style SGR
+    table at `step` (default: the last), M / SGR / MSGR curves per extractor, and method x step grids.
+
+    rows: `metrics.sgr_table` output (rows of several extractors may be concatenated).
+    snapshots: {concept: {method: AttackResult or {step: images}}} for the grids (optional).
+    """
+    from .metrics import paper_table, write_table
+
+    folder = Path(folder)
+    written = list(write_table(rows, folder, name))
+    step = max(r["step"] for r in rows) if step is None else step
+    for ext in dict.fromkeys(r.get("extractor", "") for r in rows):
+        sub = [r for r in rows if r.get("extractor", "") == ext]
+        tag = f"{name}_{ext}" if ext else name
+        if any(r["metric"] == "SGR" for r in sub):
+            written += list(write_table(paper_table(sub, step), folder, f"{tag}_sgr_step{step}"))
+        for metric in ("M", "SGR", "MSGR"):
+            if any(r["metric"] == metric for r in sub):
+                path = folder / f"{tag}_{metric.lower()}.png"
+                plot_similarity_curves(sub, metric, path=path, title=f"{name}: {metric} ({ext or 'similarity'})")
+                written.append(path)
+    for concept, runs in (snapshots or {}).items():
+        path = folder / f"{name}_grid_{concept.replace(' ', '_')}.png"
+        method_step_grid(runs, index=index, path=path)
+        written.append(path)
+    return written

@@ -1,0 +1,88 @@
+"""Run the notebook sequence headless with papermill.
+
+    python -m mima_lib.experiment.run papermill_params/default.yaml            # the whole sequence
+    python -m mima_lib.experiment.run papermill_params/default.yaml --only 03  # one stage (its inputs must exist)
+    python -m mima_lib.experiment.run papermill_params/default.yaml --force    # redo stages whose outputs exist
+
+The parameter file is validated before any notebook starts. Each notebook is executed into
+runs/<experiment>/notebooks/, reads and writes runs/<experiment>/, and skips work whose outputs
+exist (unless forced). On error the runner names the failing notebook and cell and exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .dataclass_yaml import ConfigError
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
+SEQUENCE = ["01_data", "02_erasure", "03_immunization", "04_relearning_attack", "05_personalization_attack",
+            "06_report"]
+
+
+def stages_for(cfg, only: list[str] | None) -> list[str]:
+    """The notebooks this experiment runs: re-learning skips personalization and vice versa."""
+    skip = "05_personalization_attack" if cfg.task == "relearning" else "04_relearning_attack"
+    seq = [s for s in SEQUENCE if s != skip]
+    if cfg.task == "personalization":
+        seq = [s for s in seq if s != "02_erasure"]  # nothing to erase: the concepts are new
+    if only:
+        unknown = [o for o in only if not any(s.startswith(o) for s in SEQUENCE)]
+        if unknown:
+            raise ConfigError(f"--only {unknown[0]!r} names no notebook; choose from {SEQUENCE}")
+        seq = [s for s in seq if any(s.startswith(o) for o in only)]
+    return seq
+
+
+def run_sequence(params_file: str | Path, only: list[str] | None = None, force: bool = False,
+                 run_root: str | Path = "runs", log=print) -> Path:
+    import papermill as pm
+
+    from .config import load_experiment, run_dir_for
+
+    params_file = Path(params_file).resolve()
+    cfg = load_experiment(params_file)  # everything is checked here, before the first notebook
+    run_dir = run_dir_for(cfg, run_root)
+    out_dir = run_dir / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = dict(params_file=str(params_file), run_root=str(Path(run_root).resolve()), force=force)
+    stages = stages_for(cfg, only)
+    log(f"experiment {cfg.experiment!r}: {len(stages)} notebooks -> {run_dir}")
+    for k, stage in enumerate(stages, 1):
+        src, dst = NOTEBOOK_DIR / f"{stage}.ipynb", out_dir / f"{stage}.ipynb"
+        if not src.exists():
+            raise FileNotFoundError(f"notebook {src} is missing; regenerate it with `jupytext --sync notebooks/*.py`")
+        t0 = time.time()
+        log(f"[{k}/{len(stages)}] {stage} ...")
+        try:
+            pm.execute_notebook(str(src), str(dst), parameters=params, kernel_name="python3", cwd=str(NOTEBOOK_DIR),
+                                progress_bar=False, log_output=False)
+        except pm.PapermillExecutionError as err:
+            raise RuntimeError(f"notebook {stage} failed in cell {err.exec_count} ({err.ename}: {err.evalue}); "
+                               f"the executed notebook with the traceback is {dst}") from None
+        log(f"[{k}/{len(stages)}] {stage} done in {time.time() - t0:.0f} s")
+    report = run_dir / "report" / "report.md"
+    log(f"report: {report if report.exists() else run_dir / 'report'}")
+    return run_dir
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("params_file")
+    ap.add_argument("--only", action="append", help="run only notebooks whose name starts with this (repeatable)")
+    ap.add_argument("--force", action="store_true", help="recompute stages whose outputs already exist")
+    ap.add_argument("--run-root", default="runs")
+    args = ap.parse_args(argv)
+    try:
+        run_sequence(args.params_file, args.only, args.force, args.run_root)
+    except (ConfigError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

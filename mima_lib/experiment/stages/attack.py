@@ -1,0 +1,111 @@
+"""Stages 04 and 05, the attacks: every model (no defense, then each immunization method) is fine-tuned on
+every concept's attacker images with every attack method and seed; snapshots at fixed seeds are kept.
+
+04 re-learns an erased concept under its own prompt; 05 personalizes a new instance under a modifier token.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...attacks import run_attack
+from ...evaluation.plots import method_step_grid
+from ...method.tensor_io import atomic_write_text, load_tensors, save_tensors
+from ..artifacts import remove_stale_temporaries, write_manifest
+from ..config import ExperimentConfig, slug, stage_settings
+from .common import log, model_for, models_of, must_run
+from .data import load_data
+
+
+def attack_prompt(cfg: ExperimentConfig, concept: str, method: str) -> str:
+    """What the attacker trains on: Textual Inversion re-learns under a placeholder token, every other
+    attack under the concept's attack prompt."""
+    c = cfg.concept(concept)
+    if method == "textual_inversion" and cfg.task == "relearning":
+        return c.ti_prompt
+    return c.attack_prompt
+
+
+def attack_settings(cfg: ExperimentConfig, method: str, seed: int) -> dict:
+    s = dict(cfg.attack.settings.get(method, {}))
+    s["seed"] = seed
+    if cfg.attack.snapshot_steps is not None:
+        s["snapshot_steps"] = list(cfg.attack.snapshot_steps)
+    return s
+
+
+@dataclass
+class AttackStageResult:
+    cfg: ExperimentConfig
+    folder: Path
+    snapshots: dict  # (model, concept, attack, seed) -> {step: images}
+
+    def summary(self) -> None:
+        for (model, concept, attack, seed), snaps in self.snapshots.items():
+            log(f"{model:>16s} | {concept:>16s} | {attack} seed {seed}: snapshots at {sorted(snaps)}")
+
+    def runs(self, attack: str, seed: int) -> dict:
+        """{model: {concept: {step: images}}} of one attack method and seed."""
+        out: dict = {}
+        for (model, concept, a, s), snaps in self.snapshots.items():
+            if a == attack and s == seed:
+                out.setdefault(model, {})[concept] = snaps
+        return out
+
+
+def run_folder(run_dir: Path, model: str, concept: str, attack: str, seed: int) -> Path:
+    return Path(run_dir) / "attacks" / slug(model) / slug(concept) / attack / f"seed{seed}"
+
+
+def attack(cfg: ExperimentConfig, run_dir: Path, force: bool = False) -> AttackStageResult:
+    """Attack every model (no defense + each immunization method) on every concept, with every attack."""
+    data = load_data(cfg, run_dir)
+    snapshots = {}
+    for model in models_of(cfg):
+        for concept in cfg.concepts:
+            for method in cfg.attack.methods:
+                for seed in cfg.attack.seeds:
+                    folder = run_folder(run_dir, model, concept, method, seed)
+                    settings = {**stage_settings(cfg, "erase", "data", "immunize"), "attack": method,
+                                "attack_settings": attack_settings(cfg, method, seed),
+                                "n_images": cfg.attack.n_images}
+                    if must_run(folder, settings, force):
+                        log(f"attack {method} (seed {seed}) on {model!r} for {concept!r}")
+                        remove_stale_temporaries(folder)  # what a killed earlier try left
+                        pipe = model_for(cfg, run_dir, model)
+                        prompt = attack_prompt(cfg, concept, method)
+                        n = cfg.attack.n_images
+                        result = run_attack(method, pipe, data.images[concept]["attack"], prompt,
+                                            attack_settings(cfg, method, seed), snapshot_prompts=[prompt] * n,
+                                            snapshot_seeds=list(range(n)), progress=False,
+                                            checkpoint_dir=folder / "checkpoint")
+                        save_tensors({str(k): v for k, v in result.snapshots.items()},
+                                     folder / "snapshots.safetensors")
+                        atomic_write_text(folder / "losses.json", json.dumps({"losses": result.losses,
+                                                                               "prompt": prompt}))
+                        write_manifest(folder, settings, seed)
+                    snaps = load_tensors(folder / "snapshots.safetensors")
+                    snapshots[(model, concept, method, seed)] = {int(k): v for k, v in snaps.items()}
+    return AttackStageResult(cfg, Path(run_dir) / "attacks", snapshots)
+
+
+def load_attacks(cfg: ExperimentConfig, run_dir: Path) -> AttackStageResult:
+    snapshots = {}
+    for model in models_of(cfg):
+        for concept in cfg.concepts:
+            for method in cfg.attack.methods:
+                for seed in cfg.attack.seeds:
+                    path = run_folder(run_dir, model, concept, method, seed) / "snapshots.safetensors"
+                    if not path.exists():
+                        raise FileNotFoundError(f"{path} is missing: run the attack notebook (04 or 05) first")
+                    snapshots[(model, concept, method, seed)] = {int(k): v for k, v in load_tensors(path).items()}
+    return AttackStageResult(cfg, Path(run_dir) / "attacks", snapshots)
+
+
+def show_attacks(res: AttackStageResult, concept: str | None = None, index: int = 0):
+    """Rows: models; columns: snapshot steps; one concept, the first attack and seed."""
+    cfg = res.cfg
+    concept = concept or cfg.concepts[0]
+    runs = res.runs(cfg.attack.methods[0], cfg.attack.seeds[0])
+    return method_step_grid({m: per[concept] for m, per in runs.items()}, index=index)

@@ -1,0 +1,109 @@
+"""Stage 02, erasure: UCE removes the target concepts from the base model (re-learning task only).
+
+Each target's prompt is mapped onto its guide ("" in the reference code) in every cross-attention K/V
+projection, while other concepts are preserved (on the toy: every other base concept of the world).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...evaluation.plots import image_grid
+from ...method.diffusion import generate
+from ...method.erase import erase_concepts
+from ...method.tensor_io import load_tensors, save_tensors
+from ..artifacts import remove_stale_temporaries, write_manifest
+from ..config import ExperimentConfig, erase_lam, stage_settings
+from .common import base_pipeline, log, must_run
+
+
+@dataclass
+class EraseResult:
+    cfg: ExperimentConfig
+    folder: Path
+    info: dict
+    before: torch.Tensor | None = None
+    after: torch.Tensor | None = None
+
+    def summary(self) -> None:
+        if not self.info.get("enabled", True):
+            log("erasure disabled: later stages start from the base model")
+            return
+        log(f"UCE edited {self.info['layers_edited']} cross-attention K/V layers (lam {erase_lam(self.cfg)})")
+        for c, acc in self.info.get("oracle_accuracy", {}).items():
+            log(f"{c:>20s}: oracle accuracy {acc['before']:.0%} -> {acc['after']:.0%}")
+
+
+def erase_settings(cfg: ExperimentConfig) -> dict:
+    return stage_settings(cfg, "erase")
+
+
+def preserve_prompts(cfg: ExperimentConfig) -> list[str]:
+    """What UCE keeps: erase.preserve (concept names or prompts), by default on the toy every other base
+    concept of the world."""
+    if cfg.erase.preserve:
+        out = []
+        for p in cfg.erase.preserve:
+            if p in cfg.definitions:
+                out.append(cfg.definitions[p].prompt)
+            else:
+                out.append(p)
+        return out
+    if not cfg.is_toy:
+        return []
+    from ...toy import world
+
+    return [world.concept(n).prompt for n in world.BASE_OBJECTS + world.BASE_ARTISTS if n not in cfg.concepts]
+
+
+def erase(cfg: ExperimentConfig, run_dir: Path, force: bool = False, n_show: int = 8) -> EraseResult:
+    """UCE-erase the target concepts toward their guide prompt; write only the changed K/V weights."""
+    folder = Path(run_dir) / "erased"
+    if cfg.task == "personalization" or not cfg.erase.enabled:
+        return EraseResult(cfg, folder, {"enabled": False})
+    settings = erase_settings(cfg)
+    if must_run(folder, settings, force):
+        remove_stale_temporaries(folder)  # what a killed earlier try left
+        pipe = base_pipeline(cfg)
+        concepts = [cfg.concept(c) for c in cfg.concepts]
+        prompts = [c.prompt for c in concepts]
+        seeds = [s for _ in prompts for s in range(n_show)]
+        show = [p for p in prompts for _ in range(n_show)]
+        before = generate(pipe, show, seeds)
+        guides = [c.guide for c in concepts]
+        preserve = preserve_prompts(cfg)
+        info = erase_concepts(pipe, prompts, guides, preserve, lam=erase_lam(cfg),
+                              preserve_scale=cfg.erase.preserve_scale, token_positions=cfg.erase.token_positions)
+        changed = {f"{n}.weight": m.weight for n, m in pipe.unet.named_modules()
+                   if n in set(info["layer_names"])}
+        save_tensors(changed, folder / "erased.safetensors", {"format": "mima-erased/1"})
+        after = generate(pipe, show, seeds)
+        summary = {"enabled": True, "layers_edited": info["layers_edited"], "guides": guides,
+                   "preserve": preserve}
+        if cfg.is_toy:
+            from ...toy.oracle import load_toy_oracle
+
+            oracle = load_toy_oracle()
+            summary["oracle_accuracy"] = {
+                c.name: {"before": oracle.accuracy(before[i * n_show:(i + 1) * n_show], c.name),
+                         "after": oracle.accuracy(after[i * n_show:(i + 1) * n_show], c.name)}
+                for i, c in enumerate(concepts) if c.toy}
+        save_tensors({"before": before, "after": after}, folder / "preview.safetensors")
+        (folder / "erase.json").write_text(json.dumps(summary, indent=1))
+        write_manifest(folder, settings, cfg.seed)
+    preview = load_tensors(folder / "preview.safetensors")
+    return EraseResult(cfg, folder, json.loads((folder / "erase.json").read_text()), preview["before"],
+                       preview["after"])
+
+
+def show_erasure(res: EraseResult):
+    """Rows: targets; left half: the base model's generations, right half: after erasure (same seeds)."""
+    if res.before is None:
+        return None
+    n = len(res.before) // len(res.cfg.concepts)
+    rows = [torch.cat([res.before[i * n:(i + 1) * n], res.after[i * n:(i + 1) * n]])
+            for i in range(len(res.cfg.concepts))]
+    return image_grid(torch.cat(rows), len(rows), 2 * n, scale=3, labels=list(res.cfg.concepts))

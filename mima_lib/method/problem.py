@@ -1,0 +1,196 @@
+"""What one immunization run is: its settings (:class:`ImmunizeConfig`) and its inputs, checked and prepared
+once (:class:`Problem`): latents per concept, text states, the merge's token rows (C[n] per concept, C_reg of
+the regularization captions), prior-preservation data and the parameter sets S_l / S_u.
+Everything here fails early with a message that names the fix."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .captions import GENERIC_CAPTIONS
+from .diffusion import encode_images, encode_prompts, training_scheduler
+from .merge import is_cross_attention_kv, unique_rows
+from .paramsets import check_set, select_params
+from .text_tokens import encode_prompt_tokens
+
+__all__ = ["METHODS", "SCHEMES", "ImmunizeConfig", "Problem", "prepare", "normalize_images"]
+
+METHODS = ("mima", "imma", "imma-sequential", "imma-joint")
+SCHEMES = ("central", "forward", "jvp")  # Hessian-vector products of the streamed step (mima_lib.method.hypergrad)
+
+
+@dataclass
+class ImmunizeConfig:
+    """Plain-data settings of one immunization run. Defaults are the paper's SD v1-4 ones; see
+    :meth:`toy` for the values measured on the embedded toy model."""
+
+    method: str = "mima"  # 'mima' | 'imma' | 'imma-sequential' | 'imma-joint'
+    order: int = 2  # 2: exact hypergradient (the paper); 1: merged weights as constants (reference code)
+    steps: int = 500  # outer steps (imma-sequential: per concept)
+    inner_lr: float = 1e-5  # alpha, SGD step of the simulated attacker (for 'lora': the adapter's lr)
+    outer_lr: float = 3e-5  # beta (3e-5 re-learning, 2e-5 personalization in the reference code)
+    inner_params: str = "unet"  # S_l: 'xattn-kv' | 'xattn' | 'unet' | 'lora'
+    outer_params: str = "xattn"  # S_u: 'xattn' | 'xattn-kv' | 'attn'
+    prior_weight: float = 1.0  # 0 disables the prior-preservation term
+    prior_on: str = "merged"  # 'merged' (reference: same forward as the instance loss) | 'immunized' (theta)
+    # also preserve the empty prompt on all regularization images: classifier-free guidance's unconditional
+    # branch. Needed when UCE mapped the targets onto "" (its default guide): ascending a target's loss
+    # then moves the unconditional prediction, and every guided generation breaks (measured on the toy)
+    prior_unconditional: bool = False
+    concept_reduction: str = "mean"  # 'mean' | 'sum' of the concepts' upper losses
+    batch_size: int = 1  # images per concept (and per regularization prompt) in each batch
+    hflip: bool = False  # add mirrored copies of every image (the reference code flips at random)
+    lora_rank: int = 4  # only for inner_params='lora'
+    merge_ridge: float = 1e-6  # ridge on C_reg^T C_reg in the merge (relative to its mean diagonal)
+    merge_float64: bool = True  # solve the merge in float64 (small matrices; stable with many concepts)
+    optimizer: str = "adamw"  # 'adamw' | 'sgd' for the upper level
+    weight_decay: float = 0.0
+    clip_grad: float | None = 1.0
+    checkpoint_every: int = 0  # 0: no checkpoints
+    seed: int = 42  # the reference code's seed
+    # 'autograd': double backward through every inner step (memory grows with N); 'hvp': concept by concept,
+    # memory flat in N, second order by Hessian-vector products (mima_lib.method.hypergrad; order 1: streamed)
+    hypergrad: str = "autograd"
+    hvp_scheme: str = "central"  # 'central' | 'forward' finite differences of gradients | 'jvp' (exact)
+    hvp_eps: float | None = None  # relative finite-difference step; None: by precision (hypergrad.default_hvp_eps)
+    concept_chunk: int = 1  # 'hvp': concepts per upper-level forward pass (more: faster, more memory)
+
+    @classmethod
+    def toy(cls, **overrides) -> "ImmunizeConfig":
+        """Settings measured on the embedded toy model (tests/test_immunize.py, scripts/demo_immunize.py).
+
+        inner_lr=1.0: on the trained toy UNet one SGD step on attn2 lowers a concept's loss by ~1%; larger
+        steps overshoot. outer_lr=1e-3 (AdamW): 15 steps raise the targets' merged-attack loss by ~20-40%.
+        prior_weight=3 on the immunized weights: with the reference's (1.0, on theta*) the loss of
+        untargeted concepts rose as much as the targets' (the noise-prediction loss is mostly
+        prompt-independent, so ascent first finds generic damage; the prior must outweigh it)."""
+        base = dict(steps=30, inner_lr=1.0, outer_lr=1e-3, inner_params="xattn", batch_size=2, prior_weight=3.0,
+                    prior_on="immunized")
+        return cls(**{**base, **overrides})
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.order not in (1, 2):
+            raise ValueError(f"order must be 1 (first-order, reference code) or 2 (exact hypergradient), "
+                             f"got {self.order!r}")
+        check_set(self.inner_params, "inner")
+        check_set(self.outer_params, "outer")
+        for name in ("inner_lr", "outer_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.steps < 0 or self.batch_size < 1 or self.lora_rank < 1 or self.prior_weight < 0:
+            raise ValueError("need steps >= 0, batch_size >= 1, lora_rank >= 1 and prior_weight >= 0")
+        if self.prior_on not in ("merged", "immunized"):
+            raise ValueError(f"prior_on must be 'merged' or 'immunized', got {self.prior_on!r}")
+        if self.concept_reduction not in ("mean", "sum"):
+            raise ValueError(f"concept_reduction must be 'mean' or 'sum', got {self.concept_reduction!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; use 'adamw' or 'sgd'")
+        if self.hypergrad not in ("autograd", "hvp"):
+            raise ValueError(f"hypergrad must be 'autograd' or 'hvp', got {self.hypergrad!r}")
+        if self.hvp_scheme not in SCHEMES:
+            raise ValueError(f"unknown hvp_scheme {self.hvp_scheme!r}; choose one of {', '.join(SCHEMES)}")
+        if (self.hvp_eps is not None and not self.hvp_eps > 0) or self.concept_chunk < 1:
+            raise ValueError(f"need hvp_eps > 0 or None, concept_chunk >= 1: {self.hvp_eps!r}, {self.concept_chunk!r}")
+
+
+@dataclass
+class Problem:
+    unet: object
+    sched: object
+    cfg: ImmunizeConfig
+    prompts: list[str]  # one per concept, the key of its data
+    latents: list[Tensor]  # per concept (n_i, C, h, w)
+    states: Tensor  # (N, T, D): the UNet conditioning of each concept prompt
+    token_rows: list[Tensor]  # per concept: its prompt's hidden-state rows BOS..EOS (the merge's C[n])
+    reg_rows: Tensor  # C_reg: rows of the regularization captions
+    reg_prompts: list[str]
+    prior_latents: list[Tensor]  # per regularization prompt
+    prior_states: Tensor | None  # (P, T, D)
+    params: dict[str, Tensor]  # name -> the UNet's parameter
+    inner_names: list[str]  # S_l
+    outer_names: list[str]  # S_u
+    outer_set: frozenset
+
+
+def _image_size(pipe) -> int:
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def normalize_images(images, what: str, size: int) -> list:
+    if images is None or len(images) == 0:
+        raise ValueError(f"{what} has no images; give at least one (the paper uses 20 per concept)")
+    if isinstance(images, torch.Tensor):
+        got = {tuple(images.shape[-2:])}
+    else:
+        got = {tuple(im.size) for im in images}
+    if got != {(size, size)}:
+        raise ValueError(f"{what}: images are {sorted(got)} but the model makes {size}x{size} images; resize them")
+    return images
+
+
+def _encode(pipe, images, hflip: bool) -> Tensor:
+    z = torch.cat([encode_images(pipe.vae, images[i:i + 64]) for i in range(0, len(images), 64)])
+    return torch.cat([z, z.flip(-1)]) if hflip else z
+
+
+def prepare(pipe, concept_images: dict, reg_images, reg_prompt, cfg: ImmunizeConfig,
+            reg_captions=None) -> Problem:
+    """Check the settings and the data, then encode everything the bi-level step needs."""
+    cfg.validate()
+    if not isinstance(concept_images, dict):
+        raise TypeError("concept_images must be a dict {concept prompt: list of images}, keyed by concept")
+    if not concept_images:
+        raise ValueError("no concepts to immunize against: concept_images is empty")
+    prompts = list(concept_images)
+    if any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise ValueError("every concept key must be a non-empty prompt string, e.g. 'an artwork of van gogh'")
+    if cfg.method == "imma" and len(prompts) > 1:
+        raise ValueError(f"method 'imma' immunizes one concept, got {len(prompts)}; use 'mima', "
+                         "'imma-sequential' or 'imma-joint' for several")
+    size = _image_size(pipe)
+    for p in prompts:
+        normalize_images(concept_images[p], f"concept {p!r}", size)
+    if isinstance(reg_images, dict):
+        reg = dict(reg_images)
+    elif reg_images is not None and len(reg_images) > 0:
+        if not reg_prompt:
+            raise ValueError("reg_images given without reg_prompt (e.g. 'artwork' or 'a photo of an object')")
+        reg = {reg_prompt: reg_images}
+    else:
+        reg = {}
+    if cfg.prior_weight > 0 and not reg:
+        raise ValueError("prior_weight > 0 needs regularization images (reg_images and reg_prompt); "
+                         "pass them or set prior_weight=0")
+    for p, ims in reg.items():
+        normalize_images(ims, f"regularization prompt {p!r}", size)
+    unet = pipe.unet
+    inner = select_params(unet, cfg.inner_params, "inner")
+    outer = select_params(unet, cfg.outer_params, "outer")
+    dev, dt = unet.device, unet.dtype
+    with torch.no_grad():
+        latents = [_encode(pipe, concept_images[p], cfg.hflip).to(dev, dt) for p in prompts]
+        states = encode_prompts(pipe, prompts).to(dev, dt)
+        token_rows = [t.to(dev, dt) for t in encode_prompt_tokens(pipe, prompts)]
+        caps = list(reg_captions) if reg_captions is not None else list(GENERIC_CAPTIONS)
+        reg_rows = torch.cat(encode_prompt_tokens(pipe, caps)).to(dev, dt) if caps else token_rows[0][:0]
+        use_reg = reg and cfg.prior_weight > 0
+        reg_prompts = list(reg) if use_reg else []
+        prior_latents = [_encode(pipe, ims, cfg.hflip).to(dev, dt) for ims in reg.values()] if use_reg else []
+        if use_reg and cfg.prior_unconditional and "" not in reg:  # one more group: "" on every prior image
+            reg_prompts.append("")
+            prior_latents.append(torch.cat(prior_latents))
+        prior_states = encode_prompts(pipe, reg_prompts).to(dev, dt) if use_reg else None
+    if cfg.method == "mima" and any(is_cross_attention_kv(k) for k in inner):
+        r = len(unique_rows(torch.cat(token_rows)))
+        d_in = token_rows[0].shape[1]
+        if r > d_in:
+            raise ValueError(f"the merge needs at most {d_in} distinct target token rows, the {len(prompts)} "
+                             f"concept prompts give {r}: immunize fewer concepts at once or use shorter prompts")
+    params = dict(unet.named_parameters())
+    return Problem(unet, training_scheduler(pipe), cfg, prompts, latents, states, token_rows, reg_rows,
+                   reg_prompts, prior_latents, prior_states, params, inner, outer,
+                   frozenset(outer))
