@@ -2,9 +2,11 @@
 #   make demo   run the main job on the embedded default (CPU, minutes)
 #   make test   run the test suite
 # Both create .venv on first use. TORCH_SPEC picks the torch build: the default is the CPU wheel
-# (an unpinned torch pulls a multi-GB CUDA build); on a GPU machine use e.g. TORCH_SPEC=torch.
+# (an unpinned torch pulls a multi-GB CUDA build); on a GPU machine use e.g. TORCH_SPEC=torch EXTRAS=test,lpips
+# (LPIPS needs torchvision, which does not import beside the CPU wheel).
 PYTHON ?= python3.11
 TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test
 VENV := .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
@@ -16,7 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# the real CLIP BPE vocabulary for the Stable-Diffusion-shaped test model (mima_lib/testing): the wheel
+	# only, without its dependencies (torchvision would not import beside the CPU torch)
+	$(PY) -m pip install -q --no-deps "clip-anytorch==2.6.0"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 

@@ -104,7 +104,7 @@ def mima_config(method: str, batch: int):
     scheme = method.split("-")[1] if method in EXACT else "central"
     return ImmunizeConfig(method="mima", order=order, hypergrad=hyper, hvp_scheme=scheme, inner_params="unet",
                           outer_params="xattn", batch_size=batch, prior_weight=1.0, prior_on="merged",
-                          inner_lr=1e-5, outer_lr=3e-5, optimizer="adamw", clip_grad=1.0)
+                          inner_lr=1e-5, outer_lr=3e-5, optimizer="adamw", clip_grad=1.0, diagnose_every=0)
 
 
 # ---------------------------------------------------------------------------------------------- one row

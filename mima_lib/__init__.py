@@ -27,7 +27,7 @@ _API = {
     "make_extractor": "evaluation.features", "sgr_table": "evaluation.metrics", "msgr": "evaluation.metrics",
     "sgr": "evaluation.metrics", "confidence_interval": "evaluation.metrics", "image_grid": "evaluation.plots",
     "load_toy_pipeline": "toy.model", "load_toy_oracle": "toy.oracle",
-    "load_experiment": "experiment.config", "run_sequence": "experiment.run",
+    "load_experiment": "experiment.loading", "run_sequence": "experiment.run",
 }
 
 __all__ = sorted(_API)

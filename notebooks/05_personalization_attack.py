@@ -25,7 +25,8 @@ force = False  # True: recompute outputs that already exist
 
 # %%
 from mima_lib.experiment import stages
-from mima_lib.experiment.config import load_experiment, run_dir_for
+from mima_lib.experiment.config import run_dir_for
+from mima_lib.experiment.loading import load_experiment
 
 cfg = load_experiment(params_file)
 run_dir = run_dir_for(cfg, run_root)

@@ -1,11 +1,13 @@
 """Sweep UCE settings on the toy model: how far the erased concepts fall and how much the others lose.
 
-    python scripts/erase_sweep.py                       # lam 0.5, 2, 8 (how erase.TOY_LAM was chosen)
-    python scripts/erase_sweep.py '[{"lam": 8, "preserve_scale": 3}]'
+    python scripts/erase_sweep.py                       # the default: reference rows at lam 0.5, 2, 8
+    python scripts/erase_sweep.py '[{"lam": 8, "token_positions": "all", "preserve_scale": 1}]'
 
-Targets: 2 artists + 2 objects (as tests/test_erase_toy.py); every other base concept is preserved. Prints
-one JSON line per setting: oracle accuracy of the targets after erasure, of 6 other concepts before and
-after, and their mean drop (16 generations per concept, seeds 0-15, 25 DDIM steps, guidance 5).
+Each setting is the `erase:` section of a parameter file, so the sweep erases exactly as the erasure stage
+does (mima_lib.experiment.stages.erasure.uce_arguments). Targets: 2 artists + 2 objects (as
+tests/test_erase_toy.py); every other base concept is preserved. Prints one JSON line per setting: oracle
+accuracy of the targets after erasure, of 6 other concepts before and after, their mean and worst drop
+(16 generations per concept, seeds 0-15, 25 DDIM steps, guidance 5).
 """
 import json
 import os
@@ -15,7 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from mima_lib.toy import world as toyworld  # noqa: E402
+from mima_lib.experiment.config import EraseConfig, ExperimentConfig  # noqa: E402
+from mima_lib.experiment.stages.erasure import uce_arguments  # noqa: E402
 from mima_lib.method.erase import erase_concepts  # noqa: E402
 from mima_lib.toy.model import load_toy_pipeline  # noqa: E402
 from mima_lib.toy.oracle import load_toy_oracle  # noqa: E402
@@ -30,16 +33,14 @@ def main(settings: list[dict], n: int = 16) -> None:
     oracle = load_toy_oracle()
     base, _ = recognition(load_toy_pipeline(), oracle, OTHERS, n=n)
     print(json.dumps({"base": base}), flush=True)
-    preserve = [toyworld.concept(c).prompt for c in toyworld.BASE_OBJECTS + toyworld.BASE_ARTISTS
-                if c not in TARGETS]
     for s in settings:
         pipe = load_toy_pipeline()
-        erase_concepts(pipe, [toyworld.concept(c).prompt for c in TARGETS], "", preserve,
-                       **{"token_positions": "all", **s})
+        erase_concepts(pipe, **uce_arguments(ExperimentConfig(concepts=TARGETS, erase=EraseConfig(**s))))
         erased, _ = recognition(pipe, oracle, TARGETS, n=n)
         after, _ = recognition(pipe, oracle, OTHERS, n=n)
-        drop = float(np.mean([base[c] - after[c] for c in OTHERS]))
-        print(json.dumps({"settings": s, "erased": erased, "after": after, "mean_drop": round(drop, 4)}), flush=True)
+        drops = [base[c] - after[c] for c in OTHERS]
+        print(json.dumps({"settings": s, "erased": erased, "after": after, "mean_drop": round(float(np.mean(drops)), 4),
+                          "worst_drop": round(float(max(drops)), 4)}), flush=True)
 
 
 if __name__ == "__main__":

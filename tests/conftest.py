@@ -40,3 +40,13 @@ def smoke_run(tmp_path_factory):
 
     params = Path(__file__).resolve().parent.parent / "papermill_params" / "smoke.yaml"
     return run_sequence(params, run_root=tmp_path_factory.mktemp("runs"), log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def sd_shaped(tmp_path_factory):
+    """A random pipeline with Stable Diffusion v1-4's shape (real CLIP tokenizer, 77 tokens, 768-d, SD's block
+    layout, 64 px) and tiny random CLIP / DINO evaluators, saved once: {'model': dir, 'evaluators': {...}}."""
+    from mima_lib.testing.sd_shaped import save_evaluators, save_pipeline
+
+    root = tmp_path_factory.mktemp("sd_shaped")
+    return {"model": save_pipeline(root / "sd14_shaped"), "evaluators": save_evaluators(root / "eval")}

@@ -131,12 +131,12 @@ def test_concept_folder_errors(tmp_path):
 def test_attack_rejects_bad_images(method, tiny, cat_images):
     prompt = "a photo of a <new1>" if method == "textual_inversion" else CAT
     with pytest.raises(ValueError, match="no attack images"):
-        run_attack(method, tiny, [], prompt, {"steps": 1}, copy=True, **QUICK)
+        run_attack(method, tiny, [], prompt, {"steps": 1}, copy=True, defaults="toy", **QUICK)
     mixed = cat_images[:2] + [cat_images[2].resize((40, 40))]
     with pytest.raises(ValueError, match="mismatched sizes"):
-        run_attack(method, tiny, mixed, prompt, {"steps": 1}, copy=True, **QUICK)
+        run_attack(method, tiny, mixed, prompt, {"steps": 1}, copy=True, defaults="toy", **QUICK)
     with pytest.raises(ValueError, match="40x40 but the model makes 32x32"):
-        run_attack(method, tiny, [im.resize((40, 40)) for im in cat_images], prompt, {"steps": 1}, copy=True,
+        run_attack(method, tiny, [im.resize((40, 40)) for im in cat_images], prompt, {"steps": 1}, copy=True, defaults="toy",
                    **QUICK)
 
 
@@ -154,7 +154,7 @@ def test_new_token_errors(tiny, cat_images):
     textual_inversion_attack(pipe, cat_images, "a photo of a <new1>", TextualInversionSettings.toy(steps=1), **QUICK)
     with pytest.raises(ValueError, match="'<new1>' is already in the tokenizer's vocabulary"):  # added above
         run_attack("custom_diffusion", pipe, cat_images, "a photo of <new1> cat",
-                   {"steps": 1, "modifier_token": "<new1>"}, **QUICK)
+                   {"steps": 1, "modifier_token": "<new1>"}, defaults="toy", **QUICK)
 
 
 def test_settings_and_registry_errors(tiny, cat_images):
@@ -166,7 +166,7 @@ def test_settings_and_registry_errors(tiny, cat_images):
     assert make_settings("lora", None, "paper") == LoraSettings()
     assert LoraSettings().steps == 400 and LoraSettings().batch_size == 4 and 400 in LoraSettings().snapshot_steps
     with pytest.raises(TypeError, match="through the attack's settings"):
-        run_attack("lora", tiny, cat_images, CAT, copy=True, batch_size=2)
+        run_attack("lora", tiny, cat_images, CAT, copy=True, defaults="toy", batch_size=2)
 
 
 # ---- save / load round trips (in diffusers' formats) ---------------------------------------------------
@@ -177,7 +177,7 @@ def test_adapter_round_trip(method, tiny, cat_images, tmp_path):
     settings = {"steps": 2, "lr": 1e-2}
     if method == "custom_diffusion":
         settings.update(modifier_token="<new1>", train_q_out=True)
-    result = run_attack(method, tiny, cat_images, prompt, settings, copy=True, **QUICK)
+    result = run_attack(method, tiny, cat_images, prompt, settings, copy=True, defaults="toy", **QUICK)
     assert result.pipe is not tiny and result.method == method and len(result.losses) == 2
     assert not torch.allclose(_unet_out(result.pipe, prompt), _unet_out(tiny, prompt))  # it learned something
     save_attack(result, tmp_path / method)
@@ -187,13 +187,13 @@ def test_adapter_round_trip(method, tiny, cat_images, tmp_path):
 
 def test_native_diffusers_loaders(tiny, cat_images, tmp_path):
     """What the attacks save loads with diffusers' own pipeline methods."""
-    r = run_attack("lora", tiny, cat_images, CAT, {"steps": 2, "lr": 1e-2, "alpha": 8.0}, copy=True, **QUICK)
+    r = run_attack("lora", tiny, cat_images, CAT, {"steps": 2, "lr": 1e-2, "alpha": 8.0}, copy=True, defaults="toy", **QUICK)
     save_attack(r, tmp_path / "lora")
     p = copy_pipeline(tiny)
     p.load_lora_weights(str(tmp_path / "lora"))
     torch.testing.assert_close(_unet_out(p, CAT), _unet_out(r.pipe, CAT), rtol=0, atol=1e-6)  # alpha kept
 
-    r = run_attack("ti", tiny, cat_images, "a photo of a <new1>", {"steps": 2}, copy=True, **QUICK)
+    r = run_attack("ti", tiny, cat_images, "a photo of a <new1>", {"steps": 2}, copy=True, defaults="toy", **QUICK)
     save_attack(r, tmp_path / "ti")
     p = copy_pipeline(tiny)
     p.load_textual_inversion(str(tmp_path / "ti"))
@@ -201,7 +201,8 @@ def test_native_diffusers_loaders(tiny, cat_images, tmp_path):
                                encode_prompts(r.pipe, ["a photo of a <new1>"]))
 
     r = run_attack("cd", tiny, cat_images, "a photo of <new1> cat", {"steps": 2, "lr": 1e-2,
-                                                                     "modifier_token": "<new1>"}, copy=True, **QUICK)
+                                                                     "modifier_token": "<new1>"}, copy=True,
+                   defaults="toy", **QUICK)
     save_attack(r, tmp_path / "cd")
     p = copy_pipeline(tiny)
     p.unet.load_attn_procs(str(tmp_path / "cd"), weight_name="pytorch_custom_diffusion_weights.bin", _pipeline=p)
@@ -212,30 +213,30 @@ def test_native_diffusers_loaders(tiny, cat_images, tmp_path):
 
 def test_deterministic_snapshots_and_frozen_parts(tiny, cat_images):
     kw = dict(snapshot_steps=(0, 2), sample_steps=3, snapshot_prompts=[CAT] * 2, progress=False)
-    a = run_attack("lora", tiny, cat_images, CAT, {"steps": 2}, copy=True, **kw)
-    b = run_attack("lora", tiny, cat_images, CAT, {"steps": 2}, copy=True, **kw)
+    a = run_attack("lora", tiny, cat_images, CAT, {"steps": 2}, copy=True, defaults="toy", **kw)
+    b = run_attack("lora", tiny, cat_images, CAT, {"steps": 2}, copy=True, defaults="toy", **kw)
     assert a.losses == b.losses and sorted(a.snapshots) == [0, 2] and a.snapshot_seeds == [0, 1]
     for s in a.snapshots:
         assert torch.equal(a.snapshots[s], b.snapshots[s])
     assert a.images_at(2).shape == (2, 3, 32, 32)
     # Textual Inversion changes the new token's row only; the models' weights stay as they were
-    r = run_attack("ti", tiny, cat_images, "a photo of a <new1>", {"steps": 3}, copy=True, **QUICK)
+    r = run_attack("ti", tiny, cat_images, "a photo of a <new1>", {"steps": 3}, copy=True, defaults="toy", **QUICK)
     old, new = tiny.text_encoder.get_input_embeddings().weight, r.pipe.text_encoder.get_input_embeddings().weight
     assert torch.equal(new[: len(old)], old)
     for (n, p), (_, q) in zip(tiny.unet.named_parameters(), r.pipe.unet.named_parameters()):
         assert torch.equal(p, q), n
     # Custom Diffusion changes attn2 K/V only
-    r = run_attack("cd", tiny, cat_images, CAT, {"steps": 2}, copy=True, **QUICK)
+    r = run_attack("cd", tiny, cat_images, CAT, {"steps": 2}, copy=True, defaults="toy", **QUICK)
     changed = {n for (n, p), (_, q) in zip(tiny.unet.named_parameters(), r.pipe.unet.named_parameters())
                if not torch.equal(p, q)}
     assert changed and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in changed)
 
 
 def test_checkpoint_resume_matches_uninterrupted(tiny, cat_images, tmp_path):
-    full = run_attack("lora", tiny, cat_images, CAT, {"steps": 4}, copy=True, **QUICK)
-    run_attack("lora", tiny, cat_images, CAT, {"steps": 2}, copy=True, checkpoint_dir=tmp_path, checkpoint_every=2,
+    full = run_attack("lora", tiny, cat_images, CAT, {"steps": 4}, copy=True, defaults="toy", **QUICK)
+    run_attack("lora", tiny, cat_images, CAT, {"steps": 2}, copy=True, defaults="toy", checkpoint_dir=tmp_path, checkpoint_every=2,
                **QUICK)
-    resumed = run_attack("lora", tiny, cat_images, CAT, {"steps": 4}, copy=True, checkpoint_dir=tmp_path,
+    resumed = run_attack("lora", tiny, cat_images, CAT, {"steps": 4}, copy=True, defaults="toy", checkpoint_dir=tmp_path,
                          checkpoint_every=2, **QUICK)
     assert resumed.resumed_from == 2 and resumed.losses == full.losses
     torch.testing.assert_close(_unet_out(resumed.pipe, CAT), _unet_out(full.pipe, CAT), rtol=0, atol=0)
@@ -321,7 +322,7 @@ def test_relearning_restores_erased_concept(method, world):
     prompt = RELEARN_PROMPTS.get(method, CAT)
     settings = make_settings(method, None, "toy")
     assert EVAL_STEPS[method][-1] == settings.steps
-    result = run_attack(method, world.erased, images, prompt, settings, copy=True, snapshot_steps=EVAL_STEPS[method],
+    result = run_attack(method, world.erased, images, prompt, settings, copy=True, defaults="toy", snapshot_steps=EVAL_STEPS[method],
                         snapshot_prompts=[prompt] * N_EVAL, snapshot_seeds=list(range(N_EVAL)),
                         sample_steps=SAMPLE_STEPS, guidance=GUIDANCE, progress=False)
     assert result.pipe is not world.erased and len(result.losses) == settings.steps
@@ -336,7 +337,7 @@ def test_personalization_learns_a_new_instance(world):
     assert prompt == "a photo of <new1> cat"
     assert _accuracy(world, world.base, prompt, "purple cat") <= 0.15  # measured 0.0: plain cats
     steps = 150
-    result = run_attack("lora", world.base, images, prompt, {"steps": steps}, copy=True, snapshot_steps=(steps,),
+    result = run_attack("lora", world.base, images, prompt, {"steps": steps}, copy=True, defaults="toy", snapshot_steps=(steps,),
                         snapshot_prompts=[prompt] * N_EVAL, snapshot_seeds=list(range(N_EVAL)),
                         sample_steps=SAMPLE_STEPS, guidance=GUIDANCE, progress=False)
     acc = world.oracle.accuracy(result.images_at(steps), "purple cat")

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from mima_lib.experiment.concepts import placeholder_prompt
-from mima_lib.experiment.config import load_experiment
+from mima_lib.experiment.loading import load_experiment
 from mima_lib.experiment.dataclass_yaml import ConfigError
 
 PARAMS = Path(__file__).resolve().parent.parent / "papermill_params"
@@ -72,15 +72,11 @@ def test_textual_inversion_needs_a_place_for_its_placeholder(tmp_path):
     assert _load(tmp_path, data).concept("monet").ti_prompt == "an artwork of <new1>"
 
 
-def test_unused_definitions_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match=r"definitions: \['y'\] are not named"):
-        _load(tmp_path, {"concepts": ["cat"], "definitions": {"y": {"kind": "object", "prompt": "a photo of y"}}})
-
-
 @pytest.mark.parametrize("name", sorted(p.name for p in PARAMS.glob("sd14_*.yaml")))
 def test_every_sd14_concept_declares_its_kind_and_places_its_placeholder(tmp_path, name):
     data = yaml.safe_load((PARAMS / name).read_text())
     data.update(model="toy", device="cpu")  # the records do not depend on the model; validation here needs one
+    data["evaluate"] = {"extractors": ["oracle"]}  # CLIP / DINO weights are not here (no hub)
     data["data"].pop("image_root", None)
     if data["task"] == "personalization":
         data["data"]["image_root"] = str(tmp_path)

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from mima_lib.experiment.dataclass_yaml import ConfigError, from_dict, load_yaml
-from mima_lib.experiment.config import ExperimentConfig, load_experiment
+from mima_lib.experiment.config import ExperimentConfig
+from mima_lib.experiment.loading import load_experiment
 from mima_lib.experiment.run import main as run_main
 
 PARAMS = Path(__file__).resolve().parent.parent / "papermill_params"

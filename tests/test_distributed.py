@@ -81,7 +81,8 @@ def test_immunize_distributed_in_one_process_is_immunize():
     from mima_lib.method.distributed import immunize_distributed
 
     pipe, data, reg, cfg = D.problem("o1_xattn_adamw")
-    res = immunize_distributed(pipe, data, reg, "artwork", cfg, progress=False, accelerator=Accelerator(cpu=True))
+    res = immunize_distributed(pipe, data, reg, "artwork", cfg, reg_captions=D.word_captions(), progress=False,
+                               accelerator=Accelerator(cpu=True))
     _, single = D.run_single("o1_xattn_adamw")
     assert res.losses == single.losses
     for k, v in single.params.items():

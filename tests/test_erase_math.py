@@ -142,7 +142,8 @@ def test_erase_concepts_on_tiny_pipeline(tiny_pipe):
     with pytest.raises(ValueError, match="guide"):
         erase_concepts(tiny_pipe, erase, ["", ""], preserve)
 
-    info = erase_concepts(tiny_pipe, erase, "", preserve, lam=1e-4, preserve_scale=10.0, dtype=F64)
+    info = erase_concepts(tiny_pipe, erase, "", preserve, lam=1e-4, preserve_scale=10.0, dtype=F64,
+                          token_positions="concept")  # the rows after BOS (reference rows: test_sd_path.py)
     assert info["layers_edited"] == len(kv) == 8  # 4 cross-attention blocks x (K, V)
     assert info["erase_rows"] == 3 and info["preserve_rows"] == 9
     mods = dict(unet.named_modules())

@@ -10,7 +10,7 @@ from PIL import Image
 
 from mima_lib.attacks.data import load_concept_folder, write_concept_folder
 from mima_lib.experiment.dataclass_yaml import ConfigError
-from mima_lib.experiment.config import load_experiment
+from mima_lib.experiment.loading import load_experiment
 
 SMOKE = Path(__file__).resolve().parent.parent / "papermill_params" / "smoke.yaml"
 ALPHABET = list("abcdefghijklmnopqrstuvwxyz0123456789 :-[]{},.'\"\n\t#*&!|>%@`")

@@ -18,6 +18,7 @@ from mima_lib.method.bilevel import attack_losses, concept_losses, plain_attenti
 from mima_lib.method.immunize import (ImmunizeConfig, bilevel_loss, config_from_json, immunize,  # noqa: E402
                                       load_immunized, save_immunized)
 from mima_lib.method.problem import prepare  # noqa: E402
+from mima_lib.toy.data import word_captions  # noqa: E402
 from mima_lib.toy.model import TOY_MODEL  # noqa: E402
 
 SMALL = toymodel.ToyModelConfig(image_size=16, text_dim=32, unet_channels=(16, 32), vae_channels=(16, 16))
@@ -38,7 +39,10 @@ def reg_data(n=4, size=16):
 
 
 def tiny_cfg(**kw):
-    base = dict(steps=2, inner_lr=1e-2, outer_lr=1e-3, inner_params="xattn", batch_size=1, seed=0)
+    """Plain-SGD inner steps (the second-order machinery's own tests; the Adam-scaled step: test_sd_path.py),
+    no diagnostic steps (callers here run backward themselves)."""
+    base = dict(steps=2, inner_lr=1e-2, outer_lr=1e-3, inner_params="xattn", batch_size=1, seed=0,
+                inner_scaling="sgd", diagnose_every=0)
     return ImmunizeConfig(**{**base, **kw})
 
 
@@ -148,7 +152,7 @@ def test_only_outer_parameters_change(method, order):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and changed <= set(res.params) and all(".attn2." in k for k in res.params)
     assert len(res.losses) == (2 * len(TARGETS) if method == "imma-sequential" else 2)
-    assert all(set(e) == {"target", "prior"} for e in res.extras)
+    assert all({"target", "prior", "inner_move", "merged_move"} <= set(e) for e in res.extras)
     assert [p.requires_grad for p in pipe.unet.parameters()] == flags  # restored after the run
 
 
@@ -233,9 +237,10 @@ def test_mima_raises_merged_attack_loss_on_targets_and_spares_other_concepts(toy
     reg = {toyworld.GENERIC_OBJECT_PROMPT: toyworld.render_many("object", 8),
            toyworld.GENERIC_ARTWORK_PROMPT: toyworld.render_many("artwork", 8)}
     cfg = ImmunizeConfig.toy(steps=15, order=2)
-    before, held_before = attack_losses(pipe, evaluation, cfg)["merged"], concept_losses(pipe, held)
-    res = immunize(pipe, train_data, reg, None, cfg, progress=False)
-    after, held_after = attack_losses(pipe, evaluation, cfg)["merged"], concept_losses(pipe, held)
+    caps = word_captions(exclude_names=TARGETS)  # the toy's C_reg, as the experiment layer gives it
+    before, held_before = attack_losses(pipe, evaluation, cfg, caps)["merged"], concept_losses(pipe, held)
+    res = immunize(pipe, train_data, reg, None, cfg, reg_captions=caps, progress=False)
+    after, held_after = attack_losses(pipe, evaluation, cfg, caps)["merged"], concept_losses(pipe, held)
     rise = {p: after[p] / before[p] - 1 for p in before}
     held_rise = {p: held_after[p] / held_before[p] - 1 for p in held}
     print(f"\ntarget merged-attack loss {before} -> {after}\nheld-out plain loss {held_before} -> {held_after}\n"

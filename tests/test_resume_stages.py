@@ -15,7 +15,8 @@ import pytest
 
 from mima_lib.experiment import stages
 from mima_lib.experiment.stages.data import PART_DONE
-from mima_lib.experiment.config import load_experiment, run_dir_for
+from mima_lib.experiment.config import run_dir_for
+from mima_lib.experiment.loading import load_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_HELPER = Path(__file__).parent / "helpers" / "data_small.py"

@@ -67,11 +67,6 @@ ATTACKS: dict[str, AttackMethod] = {
 }
 
 
-def is_toy_pipeline(pipe) -> bool:
-    """A model that makes images of at most 64 px is a toy (the embedded one makes 32 px)."""
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor <= 64
-
-
 def _method(name: str) -> AttackMethod:
     key = str(name).lower().replace("-", "_").replace(" ", "_")
     aliases = {"ti": "textual_inversion", "db": "dreambooth", "cd": "custom_diffusion"}
@@ -105,14 +100,13 @@ def make_settings(method: str, settings=None, defaults: str = "paper"):
     return getattr(m.settings, defaults)(**overrides)
 
 
-def run_attack(method: str, pipe, images, prompt: str, settings=None, *, defaults: str = "auto",
+def run_attack(method: str, pipe, images, prompt: str, settings=None, *, defaults: str = "paper",
                copy: bool = False, **finetune_kwargs) -> AttackResult:
-    """Run one attack by name. settings: None, a dict of overrides, or the method's settings object.
-    defaults='auto' picks the toy values on the toy model and the paper's otherwise. copy=True attacks a
-    deep copy and leaves `pipe` untouched (result.pipe is the adapted copy); otherwise pipe changes in place."""
+    """Run one attack by name. settings: None, a dict of overrides, or the method's settings object, over the
+    paper's defaults or (defaults='toy') the values measured on the embedded toy model: the caller says which,
+    as a parameter file does with `model:`. copy=True attacks a deep copy and leaves `pipe` untouched
+    (result.pipe is the adapted copy); otherwise pipe changes in place."""
     m = _method(method)
-    if defaults == "auto":
-        defaults = "toy" if is_toy_pipeline(pipe) else "paper"
     s = make_settings(m.name, settings, defaults)
     target = copy_pipeline(pipe) if copy else pipe
     return m.attack(target, images, prompt, s, **finetune_kwargs)
@@ -131,7 +125,7 @@ def load_attack(method: str, pipe, folder):
 __all__ = [
     "ATTACKS", "AttackMethod", "AttackResult", "run_attack", "make_settings", "save_attack", "load_attack",
     "copy_pipeline", "finetune", "finetune_concepts", "validate_images", "generate_class_images",
-    "is_toy_pipeline", "DEFAULT_SNAPSHOT_STEPS", "LORA_SNAPSHOT_STEPS",
+    "DEFAULT_SNAPSHOT_STEPS", "LORA_SNAPSHOT_STEPS",
     "LoraSettings", "lora_attack", "save_lora", "load_lora",
     "DreamBoothSettings", "dreambooth_attack", "save_dreambooth", "load_dreambooth",
     "TextualInversionSettings", "textual_inversion_attack", "save_textual_inversion", "load_textual_inversion",

@@ -15,9 +15,9 @@ writes diffusers' Custom Diffusion format:
 - `<token>.safetensors` per modifier token, for `pipe.load_textual_inversion(folder, weight_name=...)`;
 - `custom_diffusion.json`: the tokens and which projections were trained.
 
-Reference: diffusers' train_custom_diffusion.py (lr 1e-5 scaled by batch size 2, modifier token
-initialised from "ktn", freeze_model crossattn_kv). Not reproduced: the reference's detach of the BOS
-position's key/value gradient.
+Reference: diffusers' train_custom_diffusion.py (lr 1e-5 scaled by batch size 2, freeze_model crossattn_kv; its
+modifier token starts from "ktn", which SD's CLIP tokenizer splits in two, so ours starts from "sks"). Not
+reproduced: the reference's detach of the BOS position's key/value gradient.
 """
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ class CustomDiffusionSettings:
     "<new1>" (personalization), or a tuple of tokens, one per concept, for the multi-concept attack."""
 
     modifier_token: str | tuple[str, ...] | None = None
-    initializer_token: str | tuple[str, ...] = "ktn"
+    # a rare word that is one token in SD's CLIP vocabulary ("sks", id 48136): diffusers' "ktn" is two there
+    initializer_token: str | tuple[str, ...] = "sks"
     train_q_out: bool = False  # False: K/V only (freeze_model crossattn_kv); True: also Q and out
     steps: int = 40  # the paper's tables report step 40 (Custom Diffusion's recipe: 250, 500 multi-concept)
     lr: float = 2e-5  # 1e-5 x batch size 2 (--scale_lr)

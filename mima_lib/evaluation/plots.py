@@ -16,10 +16,25 @@ from PIL import Image, ImageDraw
 from ..method.diffusion import tensor_to_images
 
 
-def image_grid(images, rows: int, cols: int, scale: int = 1, labels: list[str] | None = None) -> Image.Image:
-    """Tile images (PIL or a [-1,1] tensor) into a rows x cols grid, optionally with row labels on the left."""
+def cell_size(width: int, scale: int | None = None, cell: int = 96) -> tuple[int, int]:
+    """(size each image is drawn at before scaling, integer scale): small images (the toy's 32 px) are blown
+    up to about ``cell`` px with crisp pixels; large ones (SD's 512 px) are shrunk to ``cell`` px."""
+    if scale is not None:
+        return width, scale
+    if width >= cell:
+        return cell, 1
+    return width, max(1, cell // width)
+
+
+def image_grid(images, rows: int, cols: int, scale: int | None = None, labels: list[str] | None = None,
+               cell: int = 96) -> Image.Image:
+    """Tile images (PIL or a [-1,1] tensor) into a rows x cols grid, optionally with row labels on the left.
+    Each cell is about ``cell`` px wide (see :func:`cell_size`) unless ``scale`` is given."""
     if isinstance(images, torch.Tensor):
         images = tensor_to_images(images)
+    size, scale = cell_size(images[0].size[0], scale, cell)
+    if images[0].size[0] != size:
+        images = [im.resize((size, round(im.size[1] * size / im.size[0])), Image.BICUBIC) for im in images]
     w, h = images[0].size
     pad = 0 if labels is None else 7 * max(len(s) for s in labels) // scale + 4
     grid = Image.new("RGB", (pad + cols * w, rows * h), (255, 255, 255))
@@ -85,7 +100,7 @@ def plot_similarity_curves(rows: list[dict], metric: str = "M", concepts: list[s
     return fig
 
 
-def method_step_grid(snapshots: dict, steps: list[int] | None = None, index: int = 0, scale: int = 3,
+def method_step_grid(snapshots: dict, steps: list[int] | None = None, index: int = 0, scale: int | None = None,
                      path=None) -> Image.Image:
     """Rows: methods, columns: adaptation steps; each cell is image `index` of that run's snapshot.
 
@@ -105,7 +120,8 @@ def method_step_grid(snapshots: dict, steps: list[int] | None = None, index: int
             cells.append(img if isinstance(img, Image.Image) else tensor_to_images(img[None])[0])
     labels = list(runs)
     grid = image_grid(cells, len(runs), len(steps), scale=scale, labels=labels)
-    return _with_header(grid, [f"step {s}" for s in steps], cells[0].size[0] * scale, path)
+    size, scale = cell_size(cells[0].size[0], scale)
+    return _with_header(grid, [f"step {s}" for s in steps], size * scale, path)
 
 
 def _with_header(grid: Image.Image, headers: list[str], cell_w: int, path) -> Image.Image:

@@ -1,8 +1,8 @@
-"""One experiment = one parameter file = one run folder. Configuration and the paths every stage shares.
+"""One experiment = one parameter file = one run folder: the configuration (plain dataclasses), and the
+settings every stage derives from it (erasure, immunization, attacks, captions, extractors, manifests).
 
-A parameter file (papermill_params/*.yaml) holds the top-level keys below; every notebook's `parameters`
-cell receives the file's path and rebuilds the same validated ExperimentConfig from it, so a typo fails
-before any notebook starts (`python -m mima_lib.experiment.run` loads it first).
+A parameter file (papermill_params/*.yaml) holds the top-level keys below; mima_lib.experiment.loading reads,
+overrides and validates it, so a typo fails before any notebook starts.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 
 from .concepts import Concept, ConceptDefinition, build_concepts
-from .dataclass_yaml import ConfigError, from_dict, load_yaml
+from .dataclass_yaml import ConfigError
 
 
 @dataclass
@@ -29,6 +29,9 @@ class DataConfig:
     # (the paper's re-learning data); 'render': the renderer's ground truth (the attacker holds real images)
     source: str = field(default="model", metadata={"choices": ("model", "render")})
     image_root: str | None = None  # real models: folder with one sub-folder of images per concept
+    # the merge's regularization captions (C_reg): a list, or a text file with one caption per line; None: the
+    # project's generic captions (method/captions.py; on the toy, its word captions). None may name a target.
+    merge_captions: list[str] | str | None = None
     sample_steps: int = field(default=25, metadata={"min": 1})
     guidance: float = field(default=5.0, metadata={"min": 0.0})
     batch_size: int = field(default=32, metadata={"min": 1})
@@ -38,10 +41,14 @@ class DataConfig:
 class EraseConfig:
     enabled: bool = True
     lam: float | None = field(default=None, metadata={"min": 0.0})  # None: erase.PAPER_LAM, or TOY_LAM on the toy
-    guide: str | None = ""  # the reference code's empty prompt; None: "artwork" / "a photo of an object" by kind
-    preserve_scale: float = field(default=1.0, metadata={"min": 0.0})
-    preserve: list[str] = field(default_factory=list)  # extra concepts to preserve (toy: all others by default)
-    token_positions: str = field(default="all", metadata={"choices": ("all", "concept", "eos")})  # see erase.py
+    guide: str | None = ""  # the reference code's empty prompt; None: each concept's generic prompt
+    # None: the reference code's max(0.1, 1 / number of preserved prompts) (the toy: TOY_ERASE)
+    preserve_scale: float | None = field(default=None, metadata={"min": 0.0})
+    preserve: list[str] = field(default_factory=list)  # concepts (names) or prompts to keep; toy: all others
+    # 'reference': the bare concept text, its last token onward (UCE's code); the others erase the templated
+    # prompt (ablations, see method/erase.py)
+    # None: 'reference' (the toy: TOY_ERASE)
+    token_positions: str | None = field(default=None, metadata={"choices": ("reference", "all", "concept", "eos")})
 
 
 @dataclass
@@ -60,6 +67,8 @@ class AttackSection:
     snapshot_steps: list[int] | None = None  # None: the method's default (10..40, plus 100/200/400 for LoRA)
     n_images: int = field(default=8, metadata={"min": 1})  # generations per snapshot and concept
     seeds: list[int] = field(default_factory=lambda: [0])  # attack seeds: the table's confidence interval
+    sample_steps: int | None = field(default=None, metadata={"min": 1})  # snapshots' DDIM steps; None: data's
+    guidance: float | None = field(default=None, metadata={"min": 0.0})  # snapshots' guidance; None: data's
 
 
 @dataclass
@@ -68,6 +77,9 @@ class EvaluateConfig:
                                   metadata={"choices": ("oracle", "clip", "dino", "lpips")})
     models: dict = field(default_factory=dict)  # extractor -> model id or local folder
     utility_images: int = field(default=8, metadata={"min": 1})
+    # harmless fine-tuning: a LoRA on each of these non-target concepts, on every model; its SGR against the
+    # non-immunized model says whether the immunized model can still learn new things (0 = as well)
+    benign_concepts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -94,7 +106,8 @@ class ExperimentConfig:
     @cached_property
     def concept_table(self) -> dict[str, Concept]:
         """The record of every concept the file names (targets, utility and regularization concepts)."""
-        names = self.concepts + self.utility_concepts + self.data.regularization_concepts
+        names = self.concepts + self.utility_concepts + self.data.regularization_concepts + \
+            self.evaluate.benign_concepts
         return build_concepts(names, self.definitions, self.task, self.erase.guide)
 
     def concept(self, name: str) -> Concept:
@@ -105,55 +118,60 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Checks that need more than types: concepts known, folders present, devices available."""
-    from ..method.pipeline import device_for, looks_like_path
+def merge_captions(cfg: ExperimentConfig) -> list[str]:
+    """The merge's regularization captions (C_reg): the file's (a list, or a text file of one caption per
+    line), else the toy world's word captions on the toy model (its text encoder knows no other words), else
+    the project's generic captions; the defaults leave out every caption that names a target."""
+    from ..method.captions import generic_captions
 
-    if not cfg.concepts:
-        raise ConfigError("concepts: the list is empty; name at least one concept to immunize")
-    if len(set(cfg.concepts)) != len(cfg.concepts):
-        raise ConfigError(f"concepts: duplicate names in {cfg.concepts}")
-    clash = sorted(set(cfg.data.regularization_concepts) & set(cfg.concepts))
-    if clash:
-        raise ConfigError(f"data.regularization_concepts: {clash} are also targets; the prior would undo "
-                          "their immunization: remove them from one of the two lists")
-    if cfg.data.source == "render" and not cfg.is_toy:
-        raise ConfigError("data.source: 'render' exists only for the toy world; a real model uses 'model' "
-                          "or data.image_root")
-    unused = sorted(set(cfg.definitions) - set(cfg.concept_table) - set(cfg.erase.preserve))
-    if unused:
-        raise ConfigError(f"definitions: {unused} are not named in concepts, utility_concepts, "
-                          "data.regularization_concepts or erase.preserve; remove them or name them there")
-    table = cfg.concept_table  # builds every record: unknown concepts and bad definitions fail here
-    if cfg.data.image_root is not None:
-        root = Path(cfg.data.image_root).expanduser()
-        if not root.is_dir():
-            raise ConfigError(f"data.image_root: folder {root} does not exist")
-        for name in cfg.concepts:
-            if not (root / slug(name)).is_dir():
-                raise ConfigError(f"data.image_root: no image folder {root / slug(name)} for concept {name!r}")
-    elif cfg.task == "personalization":
-        new = [n for n in cfg.concepts if not table[n].toy]
-        if not cfg.is_toy or new:
-            raise ConfigError(f"data.image_root: personalization needs the concepts' own images "
-                              f"({new or cfg.concepts} cannot be rendered); set data.image_root to a folder with "
-                              "one sub-folder per concept")
-    if "textual_inversion" in cfg.attack.methods and cfg.task == "relearning":
-        missing = [n for n in cfg.concepts if table[n].ti_prompt is None]
-        if missing:
-            raise ConfigError(f"definitions: no place for Textual Inversion's placeholder in the prompts of "
-                              f"{missing} (the concept's name does not occur in its prompt); give each a "
-                              "ti_prompt, e.g. 'an artwork of <new1>'")
-    if not cfg.is_toy and looks_like_path(cfg.model) and not Path(cfg.model).expanduser().exists():
-        raise ConfigError(f"model: path {cfg.model} does not exist")
-    if cfg.task == "personalization" and cfg.erase.enabled and cfg.erase.preserve:
-        raise ConfigError("erase: personalization concepts are new; set erase.enabled: false")
-    try:
-        device_for(cfg.device)
-    except RuntimeError as err:
-        raise ConfigError(f"device: {err}") from None
-    _validate_method_settings(cfg)
-    return cfg
+    given = cfg.data.merge_captions
+    if isinstance(given, str):
+        path = Path(given)
+        if not path.is_file():
+            raise ConfigError(f"data.merge_captions: file {path} does not exist; give a text file with one "
+                              "caption per line, a list of captions, or leave it out for the generic ones")
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if given is not None:
+        return list(given)
+    if cfg.is_toy:
+        from ..toy.data import word_captions
+
+        return word_captions(exclude_names=cfg.concepts)
+    return generic_captions(exclude_names=cfg.concepts)
+
+
+def extractor_for(cfg: ExperimentConfig, name: str):
+    """A feature extractor of evaluate.extractors on the experiment's device: the toy world's oracle, or
+    CLIP / DINO / LPIPS (evaluate.models gives a hub id or a local folder)."""
+    from ..method.pipeline import device_for
+
+    if name == "oracle":
+        from ..toy.oracle import OracleExtractor
+
+        return OracleExtractor()
+    from ..evaluation.features import make_extractor
+
+    return make_extractor(name, cfg.evaluate.models.get(name), device=device_for(cfg.device))
+
+
+def attack_defaults(cfg: ExperimentConfig) -> str:
+    """Whose default attack settings apply: the toy model's measured ones for `model: toy`, else the paper's."""
+    return "toy" if cfg.is_toy else "paper"
+
+
+# The embedded toy model's erasure: its text encoder mixes every token into every later state, so the bare name's
+# states ('cat') differ from the templated prompt's and erasing them leaves 'a photo of a cat' drawn (measured by
+# scripts/erase_sweep.py, targets 69-100% at lam 0.5-8); the templated prompt with its padding is erased instead.
+TOY_ERASE = {"token_positions": "all", "preserve_scale": 1.0}
+
+
+def erase_settings_used(cfg: ExperimentConfig) -> dict:
+    """The erase section's values as the erasure runs them (defaults filled in)."""
+    toy = cfg.is_toy
+    return {"lam": erase_lam(cfg),
+            "token_positions": cfg.erase.token_positions or (TOY_ERASE["token_positions"] if toy else "reference"),
+            "preserve_scale": cfg.erase.preserve_scale if cfg.erase.preserve_scale is not None
+            else (TOY_ERASE["preserve_scale"] if toy else None)}
 
 
 def erase_lam(cfg: ExperimentConfig) -> float:
@@ -183,39 +201,12 @@ def immunize_config(cfg: ExperimentConfig, method: str):
     return icfg
 
 
-def _validate_method_settings(cfg: ExperimentConfig) -> None:
-    """The immunize and attack sections hold each method's own settings: check them now, not mid-run."""
-    from ..attacks import make_settings
-
-    for method in cfg.immunize.methods:
-        immunize_config(cfg, method)
-    unknown = sorted(set(cfg.immunize.per_method) - set(cfg.immunize.methods))
-    if unknown:
-        raise ConfigError(f"immunize.per_method: {unknown} are not in immunize.methods {cfg.immunize.methods}")
-    unknown = sorted(set(cfg.attack.settings) - set(cfg.attack.methods))
-    if unknown:
-        raise ConfigError(f"attack.settings: {unknown} are not in attack.methods {cfg.attack.methods}")
-    for method in cfg.attack.methods:
-        try:
-            make_settings(method, cfg.attack.settings.get(method), "toy" if cfg.is_toy else "paper")
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"attack.settings.{method}: {err}") from None
-
-
 def stage_settings(cfg: ExperimentConfig, *sections: str) -> dict:
     """The settings a stage's outputs depend on (its manifest): identity keys plus the named sections."""
     d = asdict(cfg)
-    d["erase"]["lam"] = erase_lam(cfg)  # the value used, so a changed default invalidates old outputs
+    d["erase"].update(erase_settings_used(cfg))  # the values used: a changed default invalidates old outputs
     keep = {"model", "seed", "task", "concepts", "definitions", *sections}
     return {k: v for k, v in d.items() if k in keep}
-
-
-def load_experiment(params_file: str | Path) -> ExperimentConfig:
-    data = load_yaml(params_file)
-    try:
-        return validate(from_dict(ExperimentConfig, data))
-    except ConfigError as err:
-        raise ConfigError(f"{params_file}: {err}") from None
 
 
 def run_dir_for(cfg: ExperimentConfig, run_root: str | Path = "runs") -> Path:

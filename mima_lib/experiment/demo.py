@@ -18,6 +18,8 @@ from ..toy.model import load_toy_pipeline
 from ..toy.oracle import load_toy_oracle
 from ..toy import world as toyworld
 from ..toy.data import toy_attack_data, word_captions
+from .config import ExperimentConfig
+from .stages.erasure import uce_arguments
 
 
 @dataclass
@@ -31,11 +33,9 @@ class DemoResult:
 
 
 def erased_pipeline(concepts: list[str]):
+    """The toy model with the concepts erased as the experiment's erasure stage erases them."""
     pipe = load_toy_pipeline()
-    cs = [toyworld.concept(c) for c in concepts]
-    preserve = [c.prompt for c in toyworld.all_concepts() if c.kind != "instance" and c.name not in concepts
-                and c.name in toyworld.BASE_OBJECTS + toyworld.BASE_ARTISTS]
-    erase_concepts(pipe, [c.prompt for c in cs], "", preserve, token_positions="all")  # as the reference code
+    erase_concepts(pipe, **uce_arguments(ExperimentConfig(concepts=list(concepts))))
     return pipe
 
 
@@ -59,7 +59,7 @@ def run_demo(concepts: list[str], method: str = "mima", immunize_steps: int = 20
         for c in concepts:
             images, prompt = data[c]
             attacked = run_attack("lora", model, images, prompt, {"steps": attack_steps, "snapshot_steps": steps},
-                                  copy=True, snapshot_prompts=[prompt] * n_images,
+                                  copy=True, defaults="toy", snapshot_prompts=[prompt] * n_images,
                                   snapshot_seeds=list(range(n_images)), progress=progress)
             store[c] = attacked.snapshots
             for s, ims in attacked.snapshots.items():

@@ -3,10 +3,13 @@
     python -m mima_lib.experiment.run papermill_params/default.yaml            # the whole sequence
     python -m mima_lib.experiment.run papermill_params/default.yaml --only 03  # one stage (its inputs must exist)
     python -m mima_lib.experiment.run papermill_params/default.yaml --force    # redo stages whose outputs exist
+    python -m mima_lib.experiment.run FILE --set attack.settings.lora.steps=3 --set device=cpu   # override keys
 
-The parameter file is validated before any notebook starts. Each notebook is executed into
-runs/<experiment>/notebooks/, reads and writes runs/<experiment>/, and skips work whose outputs
-exist (unless forced). On error the runner names the failing notebook and cell and exits 1.
+The parameter file, with the overrides, is validated before any notebook starts; its effective version (the
+overrides applied, relative paths made absolute against the file's folder) is written to
+runs/<experiment>/params.yaml and is what every notebook reads. Each notebook is executed into
+runs/<experiment>/notebooks/, reads and writes runs/<experiment>/, and skips work whose outputs exist (unless
+forced). On error the runner names the failing notebook and cell and exits 1.
 """
 from __future__ import annotations
 
@@ -38,17 +41,23 @@ def stages_for(cfg, only: list[str] | None) -> list[str]:
 
 
 def run_sequence(params_file: str | Path, only: list[str] | None = None, force: bool = False,
-                 run_root: str | Path = "runs", log=print) -> Path:
+                 run_root: str | Path = "runs", log=print, overrides=()) -> Path:
     import papermill as pm
+    import yaml
 
-    from .config import load_experiment, run_dir_for
+    from ..method.tensor_io import atomic_write_text
+    from .config import run_dir_for
+    from .loading import effective_parameters, load_experiment
 
     params_file = Path(params_file).resolve()
-    cfg = load_experiment(params_file)  # everything is checked here, before the first notebook
+    cfg = load_experiment(params_file, overrides)  # everything is checked here, before the first notebook
     run_dir = run_dir_for(cfg, run_root)
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    params = dict(params_file=str(params_file), run_root=str(Path(run_root).resolve()), force=force)
+    effective = run_dir / "params.yaml"
+    atomic_write_text(effective, f"# {params_file} with {list(overrides) or 'no overrides'}\n"
+                      + yaml.safe_dump(effective_parameters(params_file, overrides), sort_keys=False))
+    params = dict(params_file=str(effective), run_root=str(Path(run_root).resolve()), force=force)
     stages = stages_for(cfg, only)
     log(f"experiment {cfg.experiment!r}: {len(stages)} notebooks -> {run_dir}")
     for k, stage in enumerate(stages, 1):
@@ -75,9 +84,11 @@ def main(argv=None) -> int:
     ap.add_argument("--only", action="append", help="run only notebooks whose name starts with this (repeatable)")
     ap.add_argument("--force", action="store_true", help="recompute stages whose outputs already exist")
     ap.add_argument("--run-root", default="runs")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="override one setting of the file (repeatable), validated like the file")
     args = ap.parse_args(argv)
     try:
-        run_sequence(args.params_file, args.only, args.force, args.run_root)
+        run_sequence(args.params_file, args.only, args.force, args.run_root, overrides=args.set)
     except (ConfigError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from .diffusion import noise_prediction_loss
 from .merge import is_cross_attention_kv, merge_cross_attention
-from .paramsets import lora_delta
+from .paramsets import inner_step_size, lora_A, lora_delta
 from .problem import ImmunizeConfig, Problem, prepare
 
 __all__ = ["plain_attention", "functional_unet", "concept_loss", "live_params", "inner_step", "merged_params",
@@ -66,8 +66,22 @@ def live_params(prob: Problem) -> dict[str, Tensor]:
     return theta
 
 
-def inner_step(prob: Problem, theta, latents: Tensor, states: Tensor, gen, create_graph: bool) -> dict:
-    """One simulated adaptation step on S_l: theta' = theta - alpha * grad (or one LoRA step)."""
+def step_size(prob: Problem, unit: int, key: str, grad: Tensor):
+    """The attacker's step size on tensor ``key`` for simulated attack ``unit`` of this step
+    (paramsets.inner_step_size; held constant in the hypergradient; see Problem.step_sizes)."""
+    held = prob.step_sizes
+    if held is not None and (unit, key) in held:
+        return held[(unit, key)]
+    size = inner_step_size(grad, prob.cfg.inner_lr, prob.cfg.inner_scaling)
+    if held is not None:
+        held[(unit, key)] = size
+    return size
+
+
+def inner_step(prob: Problem, theta, latents: Tensor, states: Tensor, gen, create_graph: bool,
+               unit: int = 0) -> dict:
+    """One simulated adaptation step on S_l: theta' = theta - alpha_k * grad, alpha_k the attacker's step size
+    on tensor k (SGD, or Adam's first step: :func:`step_size`), or one such step of a fresh LoRA."""
     cfg = prob.cfg
     names = prob.inner_names
     loss = concept_loss(prob, theta, latents, states, gen)
@@ -76,11 +90,34 @@ def inner_step(prob: Problem, theta, latents: Tensor, states: Tensor, gen, creat
     for k, g in zip(names, grads):
         if g is None:
             out[k] = theta[k]
-        elif cfg.inner_params == "lora":
-            out[k] = theta[k] + lora_delta(g, cfg.inner_lr, cfg.lora_rank, gen)
+        elif cfg.inner_params == "lora":  # Adam scales B's gradient G A^T; A is drawn once, as in one LoRA step
+            state = gen.get_state()
+            size = step_size(prob, unit, k, g @ lora_A(g, cfg.lora_rank, gen).T)
+            gen.set_state(state)
+            out[k] = theta[k] + lora_delta(g, size, cfg.lora_rank, gen)
         else:
-            out[k] = theta[k] - cfg.inner_lr * g
+            out[k] = theta[k] - step_size(prob, unit, k, g) * g
     return out
+
+
+def relative_move(theta: dict, moved: dict, names: list[str]) -> float:
+    """||moved - theta|| / ||theta|| over ``names``: how far the simulated attack takes the weights."""
+    with torch.no_grad():
+        num = sum(float((moved[k] - theta[k]).double().pow(2).sum()) for k in names)
+        den = sum(float(theta[k].double().pow(2).sum()) for k in names)
+    return (num / den) ** 0.5 if den > 0 else float("nan")
+
+
+def hypergradient_agreement(first: list[Tensor], full: list[Tensor]) -> dict[str, float]:
+    """How much the second-order term matters: cosine(order-1 gradient, exact gradient) and
+    ||exact - order-1|| / ||exact||, the share of the hypergradient the second-order term contributes."""
+    a = torch.cat([g.detach().double().flatten() for g in first])
+    b = torch.cat([g.detach().double().flatten() for g in full])
+    nb = float(b.norm())
+    if nb == 0:
+        return {"hypergrad_cos": float("nan"), "second_order_share": float("nan")}
+    return {"hypergrad_cos": float(a @ b) / (float(a.norm()) * nb + 1e-300),
+            "second_order_share": float((b - a).norm()) / nb}
 
 
 def merged_params(prob: Problem, theta, adapted: list[dict], concepts: list[int]) -> dict[str, Tensor]:
@@ -152,7 +189,8 @@ def autograd_step(prob: Problem, step: int, gen: torch.Generator):
         adapted = [inner_step(prob, theta, x_l, s_l, gen, second)]
     else:
         adapted = [inner_step(prob, theta, sample_rows(prob.latents[n], bs, gen),
-                              prob.states[n:n + 1].expand(bs, -1, -1), gen, second) for n in concepts]
+                              prob.states[n:n + 1].expand(bs, -1, -1), gen, second, unit=i)
+                   for i, n in enumerate(concepts)]
     if cfg.method == "mima":
         theta_star = merged_params(prob, theta, adapted, concepts)
     else:
@@ -160,14 +198,38 @@ def autograd_step(prob: Problem, step: int, gen: torch.Generator):
     if not second:  # first order: the merged weights are constants, the upper gradient at theta* hits theta
         theta_star = {k: theta[k] + (v - theta[k]).detach() if k in prob.outer_set else v.detach()
                       for k, v in theta_star.items()}
+    diagnose = second and cfg.diagnose_every and step % cfg.diagnose_every == 0
+    if diagnose:  # a node of its own where theta* is theta itself, so the gradient at theta* can be read apart
+        theta_star = {k: v.view_as(v) if v is theta[k] else v for k, v in theta_star.items()}
     losses, prior = upper_loss(prob, theta_star, theta, x_u, concepts, gen)
     target = losses.mean() if cfg.concept_reduction == "mean" else losses.sum()
     loss = -target
-    extras = {"target": losses.detach().mean()}
+    extras = {"target": losses.detach().mean(),
+              "inner_move": sum(relative_move(theta, a, prob.inner_names) for a in adapted) / len(adapted),
+              "merged_move": relative_move(theta, theta_star, prob.inner_names)}
     if prior is not None:
         loss = loss + cfg.prior_weight * prior
         extras["prior"] = prior.detach()
+    if diagnose:
+        return loss.detach(), {**extras, **_fill_exact_gradient(prob, loss, prior, theta, theta_star)}
     return loss, extras
+
+
+def _fill_exact_gradient(prob: Problem, loss, prior, theta, theta_star) -> dict[str, float]:
+    """Write the exact hypergradient into the S_u parameters' .grad, and compare it with the first-order one:
+    dloss/dtheta* with the merged weights held fixed, plus (prior_on='immunized') the prior's gradient at
+    theta, which reaches theta directly and is first order by definition."""
+    U = prob.outer_names
+    keep = dict(retain_graph=True, allow_unused=True)
+    first = [torch.zeros_like(theta[k]) if g is None else g
+             for k, g in zip(U, torch.autograd.grad(loss, [theta_star[k] for k in U], **keep))]
+    if prior is not None and prob.cfg.prior_on == "immunized":
+        direct = torch.autograd.grad(prob.cfg.prior_weight * prior, [theta[k] for k in U], **keep)
+        first = [f if d is None else f + d for f, d in zip(first, direct)]
+    full = torch.autograd.grad(loss, [theta[k] for k in U])
+    for k, g in zip(U, full):
+        prob.params[k].grad = g
+    return hypergradient_agreement(first, full)
 
 
 # ------------------------------------------------------------------------ measuring on fixed noise
@@ -198,7 +260,7 @@ def attack_losses(pipe, concept_images: dict, cfg: ImmunizeConfig | None = None,
     for n in range(len(prob.prompts)):
         lat = prob.latents[n][:attack_batch]
         st = prob.states[n:n + 1].expand(len(lat), -1, -1)
-        adapted.append({k: v.detach() for k, v in inner_step(prob, theta, lat, st, gen, False).items()})
+        adapted.append({k: v.detach() for k, v in inner_step(prob, theta, lat, st, gen, False, unit=n).items()})
     with torch.no_grad():
         theta_star = merged_params(prob, {k: v.detach() for k, v in theta.items()}, adapted,
                                    list(range(len(prob.prompts))))

@@ -81,14 +81,26 @@ def align_guide_rows(erase_rows: Tensor, guide_rows: Tensor) -> Tensor:
     return guide_rows[torch.tensor(idx, device=guide_rows.device)]
 
 
+def reference_rows(erase_full: Tensor, guide_full: Tensor, erase_eos: int, guide_eos: int) -> tuple[Tensor, Tensor]:
+    """UCE's reference pairing (token_positions='reference'): the erase text's rows from its last content token
+    to the end of the padding, against the guide's rows from its own last content token (BOS for ""), the two
+    aligned from there and cut to the same length. Returns (erase rows, guide rows)."""
+    L = erase_full.shape[0]
+    e, g = erase_eos - 1, guide_eos - 1  # last content token; for "" that is BOS (0)
+    far = max(e, g)
+    return erase_full[e:L - (far - e)], guide_full[g:L - (far - g)]
+
+
 def _rows(tokens: Tensor, token_positions: str) -> Tensor:
+    if token_positions == "reference":
+        return tokens  # preserved prompts: every row, BOS and padding included, as in the reference code
     if token_positions == "concept":
         return tokens[1:]  # every token after BOS, EOS included; BOS is the same for all prompts
     if token_positions == "eos":
         return tokens[-1:]
     if token_positions == "all":
         return tokens[1:]  # the caller encoded with padding: the UNet attends to the padding states too
-    raise ValueError(f"token_positions must be 'concept', 'eos' or 'all', got {token_positions!r}")
+    raise ValueError(f"token_positions must be 'reference', 'concept', 'eos' or 'all', got {token_positions!r}")
 
 
 def _guide_rows_with_padding(erase_full: Tensor, guide_full: Tensor, erase_eos: int, guide_eos: int) -> Tensor:
@@ -105,14 +117,18 @@ def erase_concepts(
     guide_prompts: list[str] | str = "",
     preserve_prompts: list[str] | None = None,
     lam: float = 0.5,
-    preserve_scale: float = 1.0,
-    token_positions: str = "concept",
+    preserve_scale: float | None = None,
+    token_positions: str = "reference",
     dtype: torch.dtype | None = None,
     preserve_positions: str | None = None,
 ) -> dict:
     """Erase concepts from ``pipe.unet`` in place by UCE-editing every ``attn2.to_k`` / ``attn2.to_v``.
 
-    Row choice (``token_positions="concept"``): for each erase prompt, all its token embeddings from
+    Row choice, ``token_positions="reference"`` (UCE's reference code, the default): erase the bare concept
+    text ("van gogh", not "an artwork of van gogh"), its rows from the last content token through EOS and the
+    padding, paired with the guide's by :func:`reference_rows`; preserve every row of each preserve prompt
+    (give "" among them to keep the unconditional prompt, as the reference does). The ablations:
+    ``token_positions="concept"``: for each erase prompt, all its token embeddings from
     position 1 (after BOS) to EOS inclusive, paired with the guide prompt's rows by
     :func:`align_guide_rows`; preserve rows are the same token range of each preserve prompt. This is
     broader than UCE's reference code (the concept's last token onward); ``"eos"`` uses only the EOS rows.
@@ -123,7 +139,8 @@ def erase_concepts(
     Caveat: tokens shared with preserve prompts (a common "an artwork of" prefix under a causal encoder)
     get conflicting targets and are resolved by least squares, so keep erase prompts to the concept itself.
 
-    Returns ``{"layers_edited", "layer_names", "erase_rows", "preserve_rows"}``.
+    ``preserve_scale`` None: the reference code's ``max(0.1, 1 / len(preserve_prompts))``.
+    Returns ``{"layers_edited", "layer_names", "erase_rows", "preserve_rows", "preserve_scale"}``.
     """
     if isinstance(erase_prompts, str):
         erase_prompts = [erase_prompts]
@@ -139,22 +156,30 @@ def erase_concepts(
             "give one guide per erase prompt or a single string for all"
         )
     preserve_prompts = list(preserve_prompts or [])
+    if preserve_scale is None:
+        preserve_scale = max(0.1, 1.0 / max(1, len(preserve_prompts)))
     _rows(torch.zeros(1, 1), token_positions)  # validate the option before the encoder runs
 
-    pad = token_positions == "all"
+    pad = token_positions in ("all", "reference")
     preserve_positions = preserve_positions or token_positions
     _rows(torch.zeros(1, 1), preserve_positions)
     with torch.no_grad():
         erase_tok = encode_prompt_tokens(pipe, erase_prompts, include_padding=pad)
         guide_tok = encode_prompt_tokens(pipe, guide_prompts, include_padding=pad)
-        preserve_tok = encode_prompt_tokens(pipe, preserve_prompts, include_padding=preserve_positions == "all")
-        Ce = torch.cat([_rows(t, token_positions) for t in erase_tok])
-        if pad:
+        preserve_tok = encode_prompt_tokens(pipe, preserve_prompts,
+                                            include_padding=preserve_positions in ("all", "reference"))
+        if pad:  # the padding is paired too: every position's EOS from the unpadded encoding
             e_eos = [len(t) - 1 for t in encode_prompt_tokens(pipe, erase_prompts)]
             g_eos = [len(t) - 1 for t in encode_prompt_tokens(pipe, guide_prompts)]
+        if token_positions == "reference":
+            pairs = [reference_rows(e, g, ee, ge) for e, g, ee, ge in zip(erase_tok, guide_tok, e_eos, g_eos)]
+            Ce, G = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+        elif pad:
+            Ce = torch.cat([_rows(t, token_positions) for t in erase_tok])
             G = torch.cat([_guide_rows_with_padding(e, g, ee, ge)
                            for e, g, ee, ge in zip(erase_tok, guide_tok, e_eos, g_eos)])
         else:
+            Ce = torch.cat([_rows(t, token_positions) for t in erase_tok])
             G = torch.cat([align_guide_rows(_rows(e, token_positions), _rows(g, token_positions))
                            for e, g in zip(erase_tok, guide_tok)])
         d = Ce.shape[1]
@@ -171,4 +196,5 @@ def erase_concepts(
             names.append(name)
     if not names:
         raise ValueError("erase_concepts: no attn2.to_k / attn2.to_v linear layers found in pipe.unet")
-    return {"layers_edited": len(names), "layer_names": names, "erase_rows": Ce.shape[0], "preserve_rows": Cp.shape[0]}
+    return {"layers_edited": len(names), "layer_names": names, "erase_rows": Ce.shape[0], "preserve_rows": Cp.shape[0],
+            "preserve_scale": preserve_scale}

@@ -12,9 +12,9 @@ current weights, S_l the attacked set (G) and S_u the updated set (U):
    backward, fused attention allowed); with ``prior_on='immunized'`` the prior's gradient at theta too.
 3. g* is pulled back through the merge: autograd on the small closed form gives dJ/dW0 and dJ/dV, hence
    the cotangent v_n = dJ/dtheta'_n of every unit (rank <= r_n for K/V; g*/N for mean-merged parameters).
-4. (dtheta'_n/dtheta)^T v_n = v_n + H_n D_n^T v_n, where theta'_n = theta + D_n(grad L_n) (D_n = -alpha for
-   SGD, the self-adjoint map g -> -alpha g A^T A for one LoRA step) and H_n is the Hessian of unit n's inner
-   loss. Only its rows on U are needed: the Hessian-vector product is taken on grad_U, by
+4. (dtheta'_n/dtheta)^T v_n = v_n + H_n D_n^T v_n, where theta'_n = theta + D_n(grad L_n) (D_n = -alpha_nk
+   per tensor k, alpha_nk the attacker's step size, held constant as in paramsets.inner_step_size; the
+   self-adjoint map g -> -alpha_nk g A^T A for one LoRA step) and H_n is the Hessian of unit n's inner loss. Only its rows on U are needed: the Hessian-vector product is taken on grad_U, by
    ``hvp_scheme='central'``  (grad_U L_n(theta + eps u) - grad_U L_n(theta - eps u)) / (2 eps), two passes,
    ``'forward'``  (grad_U L_n(theta + eps u) - grad_U L_n(theta)) / eps, one pass (grad_U L_n(theta) comes
                   free with step 1),
@@ -37,6 +37,10 @@ Randomness is drawn in exactly the order of :func:`bilevel_loss`, so both paths 
 ``order=1`` with ``hypergrad='hvp'`` is the streamed first-order step (steps 1-2; g* at theta* is applied
 to theta): the same update as the autograd order-1 path without N copies of the adapted weights.
 
+Logged per step: the simulated attack's relative move ||theta'_n - theta|| / ||theta|| (mean over units) and
+the merged model's ||theta* - theta|| / ||theta||; with order 2 also the cosine of the first-order and exact
+hypergradients and the second-order share ||exact - first|| / ||exact||.
+
 Concept parallelism: every unit and every upper chunk has an owner rank (round-robin); a :class:`Comm`
 sums the merge inputs, g*, the perturbation norms and the final gradient across ranks
 (:mod:`mima_lib.method.distributed` provides the torch.distributed one). Every rank draws all random numbers,
@@ -50,12 +54,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .bilevel import functional_unet, plain_attention
+from .bilevel import functional_unet, hypergradient_agreement, plain_attention, step_size
 from .diffusion import noise_loss
 from .hypergrad_plan import (LOCAL, Comm, MergePlan, Unit, add_into, compute_dtype_now, default_hvp_eps, draws,
                              grads_of, norms, replay)
 from .merge import is_cross_attention_kv
-from .paramsets import lora_delta
+from .paramsets import lora_A, lora_delta
 from .problem import SCHEMES
 
 __all__ = ["SCHEMES", "Comm", "LOCAL", "streamed_step", "default_hvp_eps"]
@@ -87,6 +91,8 @@ def streamed_step(prob, step: int, gen: torch.Generator, comm: Comm | None = Non
     acc = {k: torch.zeros_like(P[k]) for k in mean_keys}  # sum_n delta_n
     V = {k: torch.zeros(sum(plan.sizes), P[k].shape[0], dtype=plan.cd, device=dev) for k in kv}
     grad_at_theta = {}  # sum over own units of grad_U L_n(theta), for the forward scheme
+    sizes = [{} for _ in range(n_units)]  # the attacker's step size per unit and tensor (paramsets.inner_step_size)
+    moves = torch.zeros(n_units, dtype=torch.float64)  # ||theta'_n - theta||^2 on S_l
     for i in mine:
         u = units[i]
         theta = {k: P[k].detach().requires_grad_(True) for k in need}
@@ -98,8 +104,14 @@ def streamed_step(prob, step: int, gen: torch.Generator, comm: Comm | None = Non
                 g = grads.get(k)
                 if g is None:
                     continue
-                delta = lora_delta(g, cfg.inner_lr, cfg.lora_rank, replay(u.lora_states[k])) if lora \
-                    else g.mul(-cfg.inner_lr)
+                if lora:  # Adam scales B's gradient G A^T
+                    A = lora_A(g, cfg.lora_rank, replay(u.lora_states[k]))
+                    sizes[i][k] = step_size(prob, i, k, g @ A.T)
+                    delta = lora_delta(g, sizes[i][k], cfg.lora_rank, replay(u.lora_states[k]))
+                else:
+                    sizes[i][k] = step_size(prob, i, k, g)
+                    delta = g.mul(-sizes[i][k])
+                moves[i] += float(delta.double().pow(2).sum())
                 if k in kvset:
                     V[k][plan.rows(i)] = plan.targets(i, P[k] + delta)
                 else:
@@ -107,7 +119,7 @@ def streamed_step(prob, step: int, gen: torch.Generator, comm: Comm | None = Non
             if second and scheme == "forward":
                 add_into(grad_at_theta, {k: grads[k] for k in U if k in grads})
         del grads
-    comm.all_reduce(list(acc.values()) + list(V.values()))
+    comm.all_reduce(list(acc.values()) + list(V.values()) + [moves])
 
     # 2. theta* and g* = dJ/dtheta*, chunk by chunk
     with torch.no_grad():
@@ -117,6 +129,9 @@ def streamed_step(prob, step: int, gen: torch.Generator, comm: Comm | None = Non
         for k in U:
             if k not in Gset:
                 star[k] = P[k].detach()
+    theta_sq = float(norms(P[k] for k in G).pow(2).sum())
+    stats_moves = {"inner_move": float(moves.sqrt().mean()) / theta_sq ** 0.5,
+                   "merged_move": float(norms(star[k] - P[k] for k in G).pow(2).sum()) ** 0.5 / theta_sq ** 0.5}
     leaf_names = (G + [k for k in U if k not in Gset]) if second else U
     for k in leaf_names:
         star[k] = star[k].detach().requires_grad_(True)
@@ -146,10 +161,14 @@ def streamed_step(prob, step: int, gen: torch.Generator, comm: Comm | None = Non
     if not second:  # first order: g* at theta* is the gradient at theta
         add_into(grad_u, {k: gstar[k] for k in U if k in gstar})
         add_into(grad_u, direct)
-        return _finish(prob, comm, grad_u, stats, chunks)
+        return _finish(prob, comm, grad_u, stats, chunks, stats_moves)
 
     full = [gstar.setdefault(k, torch.zeros_like(P[k])) for k in leaf_names]
     comm.all_reduce(full)
+    first = {k: gstar[k].clone() for k in U}  # the first-order hypergradient: g* at theta*, plus the prior at theta
+    direct_all = {k: direct[k].clone() if k in direct else torch.zeros_like(P[k]) for k in U}
+    comm.all_reduce(list(direct_all.values()))
+    add_into(first, direct_all)
     # 3. pull g* back through the merge; identity parts and dJ/dW0 go to rank 0's share
     dV = {}
     for k in kv:
@@ -175,8 +194,8 @@ def streamed_step(prob, step: int, gen: torch.Generator, comm: Comm | None = Non
         else:
             v = gstar[k] / n_units
         if lora:
-            return lora_delta(v, cfg.inner_lr, cfg.lora_rank, replay(units[i].lora_states[k]))
-        return v.mul_(-cfg.inner_lr)
+            return lora_delta(v, sizes[i][k], cfg.lora_rank, replay(units[i].lora_states[k]))
+        return v.mul_(-sizes[i][k])
 
     # 4. sum_i H_i u_i on U
     # eps: no parameter tensor moves by more than hvp_eps of its own norm (floored for near-zero tensors)
@@ -211,7 +230,7 @@ def streamed_step(prob, step: int, gen: torch.Generator, comm: Comm | None = Non
             add_into(grad_u, g, sign / (2 * eps) if scheme == "central" else 1.0 / eps)
     if scheme == "forward" and eps != 0.0:
         add_into(grad_u, grad_at_theta, -1.0 / eps)
-    return _finish(prob, comm, grad_u, stats, chunks)
+    return _finish(prob, comm, grad_u, stats, chunks, stats_moves, first)
 
 
 def _jvp_hvp(prob, u: Unit, direction: dict[str, Tensor], U: list[str]) -> dict[str, Tensor]:
@@ -250,12 +269,15 @@ def _jvp_hvp(prob, u: Unit, direction: dict[str, Tensor], U: list[str]) -> dict[
         return dict(jvp(grad_u, (base,), (tangent,))[1])
 
 
-def _finish(prob, comm: Comm, grad_u: dict, stats: Tensor, chunks) -> tuple[Tensor, dict]:
+def _finish(prob, comm: Comm, grad_u: dict, stats: Tensor, chunks, moves: dict,
+            first: dict | None = None) -> tuple[Tensor, dict]:
     comm.all_reduce(list(grad_u.values()))
     comm.all_reduce([stats])
     for k, g in grad_u.items():
         prob.params[k].grad = g.to(prob.params[k].dtype)
-    extras = {"target": stats[2:].mean()}
+    extras = {"target": stats[2:].mean(), **moves}
+    if first is not None:
+        extras.update(hypergradient_agreement([first[k] for k in grad_u], list(grad_u.values())))
     n_prior = sum(len(c.weights) for c in chunks if c.prior)
     if n_prior:
         extras["prior"] = stats[1] / n_prior

@@ -12,7 +12,7 @@ from torch import Tensor
 from .bilevel import active_concepts, sample_rows
 from .diffusion import draw_noise
 from .merge import _apply_merge, _compute_dtype, _merge_system, unique_rows
-from .paramsets import lora_delta
+from .paramsets import lora_A
 
 __all__ = ["Comm", "LOCAL", "default_hvp_eps", "compute_dtype_now", "Unit", "Chunk", "MergePlan", "replay",
            "draws", "grads_of", "add_into", "norms"]
@@ -120,7 +120,7 @@ def draws(prob, step: int, gen: torch.Generator):
             for k in prob.inner_names:
                 lora[k] = gen.get_state()
                 p = prob.params[k]
-                lora_delta(torch.zeros(1, p.shape[1], dtype=p.dtype), cfg.inner_lr, cfg.lora_rank, gen)
+                lora_A(torch.zeros(1, p.shape[1], dtype=p.dtype), cfg.lora_rank, gen)
         return Unit(lat, st, noise, t, lora)
 
     if cfg.method == "imma-joint":

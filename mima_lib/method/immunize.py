@@ -40,7 +40,7 @@ from .tensor_io import load_tensors
 from .training import TrainConfig, train
 
 __all__ = ["ImmunizeConfig", "ImmunizeResult", "METHODS", "immunize", "bilevel_loss", "save_immunized",
-           "load_immunized", "config_from_json"]
+           "load_immunized", "config_from_json", "diagnostics"]
 
 FORMAT = "mima-immunized/1"
 
@@ -121,9 +121,22 @@ def save_immunized(result: ImmunizeResult, folder, cfg: ImmunizeConfig | None = 
             "reg_prompts": result.reg_prompts, "parameters": len(result.params),
             "numel": int(sum(v.numel() for v in result.params.values())),
             "steps_run": len(result.losses), "seconds_per_step": result.seconds_per_step,
-            "final_extras": result.extras[-1] if result.extras else {}}
+            "final_extras": result.extras[-1] if result.extras else {},
+            "diagnostics": diagnostics(result.extras)}
     (folder / "immunize.json").write_text(json.dumps(info, indent=1))
     return folder
+
+
+def diagnostics(extras: list[dict]) -> dict[str, float]:
+    """Means over the run of what shows the method at work (steps where each was logged): the simulated
+    attack's relative move, the merged model's, and the cosine / second-order share of the hypergradient."""
+    keys = ("inner_move", "merged_move", "hypergrad_cos", "second_order_share")
+    out = {}
+    for k in keys:
+        vals = [e[k] for e in extras if k in e]
+        if vals:
+            out[k] = sum(vals) / len(vals)
+    return out
 
 
 def load_immunized(pipe, folder) -> dict:

@@ -1,5 +1,6 @@
 """Parameter sets of a diffusers UNet by name: what the simulated attacker adapts (S_l) and what
-immunization changes (S_u), plus the functional LoRA step used when the attacker is a LoRA.
+immunization changes (S_u); plus the simulated attacker's step: its size (SGD or Adam-scaled) and the
+functional LoRA step.
 
 S_l (``inner``):  'xattn-kv' (attn2.to_k/to_v weights), 'xattn' (every attn2 parameter),
                   'unet' (every parameter), 'lora' (a fresh rank-r adapter on the to_q/to_k/to_v/to_out.0
@@ -16,7 +17,7 @@ from torch import Tensor
 from .merge import is_cross_attention_kv
 
 __all__ = ["INNER_SETS", "OUTER_SETS", "LORA_TARGETS", "check_set", "select_params", "lora_targets",
-           "lora_delta", "apply_unet_params"]
+           "inner_step_size", "lora_A", "lora_delta", "apply_unet_params"]
 
 INNER_SETS = ("xattn-kv", "xattn", "unet", "lora")
 OUTER_SETS = ("xattn", "xattn-kv", "attn")
@@ -63,15 +64,30 @@ def lora_targets(unet) -> list[str]:
     return [n for n, _ in unet.named_parameters() if _LORA_W.search(n)]
 
 
-def lora_delta(grad_w: Tensor, lr: float, rank: int, gen: torch.Generator, scale: float = 1.0) -> Tensor:
+def inner_step_size(grad: Tensor, lr: float, scaling: str):
+    """The simulated attacker's step size on one tensor. 'sgd': ``lr``. 'adam': Adam's first update, whose
+    second moment is estimated per tensor (the gradient's mean square) and held constant, so the step stays
+    differentiable and moves every tensor by ``lr`` per element in RMS: ``lr / rms(grad)``. The reference code's
+    attacker is AdamW at 1e-5: a plain SGD step of that size barely moves SD's weights (issue #13)."""
+    if scaling == "sgd":
+        return lr
+    rms = grad.detach().float().pow(2).mean().sqrt()
+    return lr / rms.clamp_min(1e-12).to(grad.dtype)
+
+
+def lora_A(grad_w: Tensor, rank: int, gen: torch.Generator) -> Tensor:
+    """A fresh LoRA down-projection ``A ~ N(0, 1/r^2)`` (peft's 'gaussian' init), drawn on the CPU generator."""
+    return torch.randn(rank, grad_w.shape[1], generator=gen, dtype=grad_w.dtype, device="cpu").to(grad_w.device) / rank
+
+
+def lora_delta(grad_w: Tensor, lr, rank: int, gen: torch.Generator, scale: float = 1.0) -> Tensor:
     """Weight change of one SGD step of a freshly initialised LoRA adapter on a linear layer.
 
-    With effective weight ``W + s B A``, ``B = 0`` and ``A ~ N(0, 1/r^2)`` (peft's 'gaussian' init), the
-    gradient w.r.t. ``B`` is ``s G A^T`` (G = dL/dW) and w.r.t. ``A`` is zero, so one step of size ``lr``
-    gives ``B' = -lr s G A^T`` and ``Delta W = s B' A = -lr s^2 G A^T A``. Differentiable in ``grad_w``.
+    With effective weight ``W + s B A``, ``B = 0`` and ``A`` from :func:`lora_A`, the gradient w.r.t. ``B``
+    is ``s G A^T`` (G = dL/dW) and w.r.t. ``A`` is zero, so one step of size ``lr`` gives
+    ``B' = -lr s G A^T`` and ``Delta W = s B' A = -lr s^2 G A^T A``. Differentiable in ``grad_w``.
     """
-    d_in = grad_w.shape[1]
-    A = torch.randn(rank, d_in, generator=gen, dtype=grad_w.dtype, device="cpu").to(grad_w.device) / rank
+    A = lora_A(grad_w, rank, gen)
     return -lr * scale * scale * (grad_w @ A.T) @ A
 
 

@@ -19,6 +19,9 @@ __all__ = ["METHODS", "SCHEMES", "ImmunizeConfig", "Problem", "prepare", "normal
 
 METHODS = ("mima", "imma", "imma-sequential", "imma-joint")
 SCHEMES = ("central", "forward", "jvp")  # Hessian-vector products of the streamed step (mima_lib.method.hypergrad)
+# the toy's Adam-scaled inner step: 1e-4 moves attn2 by 0.18% (relative) per simulated attack, as the earlier
+# SGD step of 1.0 did (measured 0.178%); 1e-3 (the toy Custom Diffusion attacker's lr) moves it 1.8%
+TOY_INNER_LR = 1e-4
 
 
 @dataclass
@@ -27,9 +30,14 @@ class ImmunizeConfig:
     :meth:`toy` for the values measured on the embedded toy model."""
 
     method: str = "mima"  # 'mima' | 'imma' | 'imma-sequential' | 'imma-joint'
-    order: int = 2  # 2: exact hypergradient (the paper); 1: merged weights as constants (reference code)
+    # 2: the exact hypergradient through the inner step and the merge (the paper); 1: first order, the merged
+    # weights as constants (the reference code is first order too, but alternates and commits its inner step)
+    order: int = 2
     steps: int = 500  # outer steps (imma-sequential: per concept)
-    inner_lr: float = 1e-5  # alpha, SGD step of the simulated attacker (for 'lora': the adapter's lr)
+    inner_lr: float = 1e-5  # alpha: the simulated attacker's learning rate (for 'lora': the adapter's)
+    # 'adam': Adam's first step, alpha per element in RMS (paramsets.inner_step_size), the scale of the AdamW
+    # attacker alpha comes from; 'sgd': theta - alpha * grad (alpha must then match the gradient's scale)
+    inner_scaling: str = "adam"
     outer_lr: float = 3e-5  # beta (3e-5 re-learning, 2e-5 personalization in the reference code)
     inner_params: str = "unet"  # S_l: 'xattn-kv' | 'xattn' | 'unet' | 'lora'
     outer_params: str = "xattn"  # S_u: 'xattn' | 'xattn-kv' | 'attn'
@@ -56,18 +64,21 @@ class ImmunizeConfig:
     hvp_scheme: str = "central"  # 'central' | 'forward' finite differences of gradients | 'jvp' (exact)
     hvp_eps: float | None = None  # relative finite-difference step; None: by precision (hypergrad.default_hvp_eps)
     concept_chunk: int = 1  # 'hvp': concepts per upper-level forward pass (more: faster, more memory)
+    # every k steps log the cosine of the order-1 and order-2 hypergradients and the second-order share
+    # (one extra backward of the upper loss on those steps; the streamed step logs them every step); 0: never
+    diagnose_every: int = 10
 
     @classmethod
     def toy(cls, **overrides) -> "ImmunizeConfig":
         """Settings measured on the embedded toy model (tests/test_immunize.py, scripts/demo_immunize.py).
 
-        inner_lr=1.0: on the trained toy UNet one SGD step on attn2 lowers a concept's loss by ~1%; larger
-        steps overshoot. outer_lr=1e-3 (AdamW): 15 steps raise the targets' merged-attack loss by ~20-40%.
+        inner_lr=TOY_INNER_LR (Adam-scaled): the simulated attack moves attn2 as far as the SGD step of 1.0
+        did that lowered a concept's loss by ~1% (larger steps overshot). outer_lr=1e-3 (AdamW): 15 steps raise the targets' merged-attack loss by ~20-40%.
         prior_weight=3 on the immunized weights: with the reference's (1.0, on theta*) the loss of
         untargeted concepts rose as much as the targets' (the noise-prediction loss is mostly
         prompt-independent, so ascent first finds generic damage; the prior must outweigh it)."""
-        base = dict(steps=30, inner_lr=1.0, outer_lr=1e-3, inner_params="xattn", batch_size=2, prior_weight=3.0,
-                    prior_on="immunized")
+        base = dict(steps=30, inner_lr=TOY_INNER_LR, outer_lr=1e-3, inner_params="xattn", batch_size=2,
+                    prior_weight=3.0, prior_on="immunized")
         return cls(**{**base, **overrides})
 
     def validate(self) -> None:
@@ -83,6 +94,10 @@ class ImmunizeConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.steps < 0 or self.batch_size < 1 or self.lora_rank < 1 or self.prior_weight < 0:
             raise ValueError("need steps >= 0, batch_size >= 1, lora_rank >= 1 and prior_weight >= 0")
+        if self.inner_scaling not in ("adam", "sgd"):
+            raise ValueError(f"inner_scaling must be 'adam' or 'sgd', got {self.inner_scaling!r}")
+        if self.diagnose_every < 0:
+            raise ValueError(f"diagnose_every must be >= 0, got {self.diagnose_every!r}")
         if self.prior_on not in ("merged", "immunized"):
             raise ValueError(f"prior_on must be 'merged' or 'immunized', got {self.prior_on!r}")
         if self.concept_reduction not in ("mean", "sum"):
@@ -105,8 +120,8 @@ class Problem:
     prompts: list[str]  # one per concept, the key of its data
     latents: list[Tensor]  # per concept (n_i, C, h, w)
     states: Tensor  # (N, T, D): the UNet conditioning of each concept prompt
-    token_rows: list[Tensor]  # per concept: its prompt's hidden-state rows BOS..EOS (the merge's C[n])
-    reg_rows: Tensor  # C_reg: rows of the regularization captions
+    token_rows: list[Tensor]  # per concept: its prompt's hidden-state rows after BOS, to EOS (the merge's C[n])
+    reg_rows: Tensor  # C_reg: the same rows of the regularization captions
     reg_prompts: list[str]
     prior_latents: list[Tensor]  # per regularization prompt
     prior_states: Tensor | None  # (P, T, D)
@@ -114,6 +129,10 @@ class Problem:
     inner_names: list[str]  # S_l
     outer_names: list[str]  # S_u
     outer_set: frozenset
+    # the attacker's step sizes, held: None computes them from each step's gradients (the run); a dict records
+    # them on first use by (unit, tensor) and replays them after, so that finite differences of the objective
+    # see the same constants the hypergradient treats as constants (tests)
+    step_sizes: dict | None = None
 
 
 def _image_size(pipe) -> int:
@@ -174,9 +193,12 @@ def prepare(pipe, concept_images: dict, reg_images, reg_prompt, cfg: ImmunizeCon
     with torch.no_grad():
         latents = [_encode(pipe, concept_images[p], cfg.hflip).to(dev, dt) for p in prompts]
         states = encode_prompts(pipe, prompts).to(dev, dt)
-        token_rows = [t.to(dev, dt) for t in encode_prompt_tokens(pipe, prompts)]
+        # BOS is dropped, as in the reference code: it is the same row for every prompt (a causal encoder), so
+        # constraining it would move every prompt's attention sink to one concept's adapted output
+        token_rows = [t[1:].to(dev, dt) for t in encode_prompt_tokens(pipe, prompts)]
         caps = list(reg_captions) if reg_captions is not None else list(GENERIC_CAPTIONS)
-        reg_rows = torch.cat(encode_prompt_tokens(pipe, caps)).to(dev, dt) if caps else token_rows[0][:0]
+        reg_rows = torch.cat([t[1:] for t in encode_prompt_tokens(pipe, caps)]).to(dev, dt) if caps \
+            else token_rows[0][:0]
         use_reg = reg and cfg.prior_weight > 0
         reg_prompts = list(reg) if use_reg else []
         prior_latents = [_encode(pipe, ims, cfg.hflip).to(dev, dt) for ims in reg.values()] if use_reg else []

@@ -65,21 +65,25 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 def save_checkpoint(path: Path, step: int, params: dict[str, torch.Tensor], opt, gen: torch.Generator,
-                    result: TrainResult) -> None:
+                    result: TrainResult, keep: dict[str, torch.Tensor] | None = None) -> None:
     _atomic_save({"step": step, "params": {k: v.detach().clone() for k, v in params.items()},
+                  "keep": {k: v.detach().clone() for k, v in (keep or {}).items()},
                   "optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
                   "losses": result.losses, "extras": result.extras}, path)
 
 
-def load_checkpoint(path: Path, params: dict[str, torch.Tensor], opt, gen: torch.Generator) -> tuple[int, dict]:
+def load_checkpoint(path: Path, params: dict[str, torch.Tensor], opt, gen: torch.Generator,
+                    keep: dict[str, torch.Tensor] | None = None) -> tuple[int, dict]:
     state = torch.load(path, weights_only=False)
-    missing = set(params) - set(state["params"])
+    missing = (set(params) - set(state["params"])) | (set(keep or {}) - set(state.get("keep", {})))
     if missing:
         raise ValueError(f"checkpoint {path} does not match this run (missing {sorted(missing)[:3]}...); "
                          "delete it or use another checkpoint folder")
     with torch.no_grad():
         for k, v in params.items():
             v.copy_(state["params"][k])
+        for k, v in (keep or {}).items():
+            v.copy_(state["keep"][k])
     opt.load_state_dict(state["optimizer"])
     gen.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
@@ -88,11 +92,14 @@ def load_checkpoint(path: Path, params: dict[str, torch.Tensor], opt, gen: torch
 
 def train(step_fn: Callable[[int, torch.Generator], torch.Tensor | tuple[torch.Tensor, dict]],
           params: dict[str, torch.Tensor], cfg: TrainConfig, checkpoint_dir: str | Path | None = None,
-          progress: bool = True, on_step: Callable[[int], None] | None = None) -> TrainResult:
+          progress: bool = True, on_step: Callable[[int], None] | None = None,
+          keep: dict[str, torch.Tensor] | None = None) -> TrainResult:
     """Run cfg.steps optimisation steps of step_fn over params; resume from checkpoint_dir if one is there.
 
     step_fn may return (loss, extras) where extras is a dict of floats shown on the bar and logged.
     on_step(step) runs after each update with the 1-based step count (for snapshots at chosen steps).
+    keep: more tensors the caller updates itself (an EMA copy of the weights), saved with every checkpoint
+    and restored on resume.
     """
     if cfg.steps < 0:
         raise ValueError("steps must be >= 0")
@@ -107,7 +114,7 @@ def train(step_fn: Callable[[int, torch.Generator], torch.Tensor | tuple[torch.T
     if ckpt is not None:
         ckpt.with_suffix(ckpt.suffix + ".tmp").unlink(missing_ok=True)  # a save cut short by a kill: never valid
     if ckpt is not None and ckpt.exists():
-        start, state = load_checkpoint(ckpt, params, opt, gen)
+        start, state = load_checkpoint(ckpt, params, opt, gen, keep)
         result = TrainResult(list(state["losses"]), list(state["extras"]), resumed_from=start)
     bar = tqdm(range(start, cfg.steps), desc=cfg.desc, initial=start, total=cfg.steps, disable=not progress)
     for step in bar:
@@ -128,5 +135,5 @@ def train(step_fn: Callable[[int, torch.Generator], torch.Tensor | tuple[torch.T
             on_step(step + 1)
         if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(ckpt, step + 1, params, opt, gen, result)
+            save_checkpoint(ckpt, step + 1, params, opt, gen, result, keep)
     return result

@@ -1,11 +1,13 @@
-"""Build the embedded default from scratch: render the toy world, train the VAE, the UNet and the oracle.
+"""Build the embedded default from scratch: render the toy world, pretrain the text encoder, train the VAE,
+the UNet and the oracle.
 
-    python -m mima_lib.toy.build --out mima_lib/toy/assets --seed 0         # everything (~45 min, 2 CPU cores)
+    python -m mima_lib.toy.build --out mima_lib/toy/assets --seed 0         # everything (see the README's time)
     python -m mima_lib.toy.build --stage oracle                             # one stage
 
-Each stage checkpoints into <out>/_work and resumes if interrupted. The text encoder stays at its seeded
-random initialisation (large token embeddings keep prompts distinct; see ENV_NOTES' conditioning pitfall);
-the UNet learns to read it, with classifier-free-guidance dropout to the empty prompt.
+Each stage checkpoints into <out>/_work and resumes if interrupted. The text encoder is pretrained first and
+then frozen, as CLIP is for Stable Diffusion (mima_lib.toy.text says why and what for); the UNet learns to
+read it, with classifier-free-guidance dropout to the empty prompt, and its weights are kept as an exponential
+moving average (the EMA weights are the ones saved: smoother samples, the usual diffusion recipe).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from ..method.training import TrainConfig, train
 from . import model as toymodel
 from . import world
 from .oracle import held_out_accuracy, train_oracle
+from .text import pretrain_text_encoder, text_statistics
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -33,9 +36,11 @@ class BuildConfig:
     images_per_prompt: int = 300
     vae_steps: int = 800
     vae_batch: int = 32
+    text_steps: int = 1500
     unet_steps: int = 1500
     unet_batch: int = 32
     unet_lr: float = 5e-4
+    ema: float = 0.999  # per-step decay of the UNet's EMA weights (0: save the raw weights)
     cfg_dropout: float = 0.1
     oracle_steps: int = 400
     include_heldout: bool = False  # True only for ablations: the held-out concepts test adaptability
@@ -77,6 +82,14 @@ def train_unet(pipe, latents: torch.Tensor, prompts: list[str], cfg: BuildConfig
     prompt_idx = torch.tensor([unique.index(p) for p in prompts])
     empty = len(unique) - 1
     unet.train()
+    params = dict(unet.named_parameters())
+    ema = {k: v.detach().clone() for k, v in params.items()} if cfg.ema else {}
+
+    def average(step):
+        decay = min(cfg.ema, (1 + step) / (10 + step))  # a short warm-up, so early weights do not linger
+        with torch.no_grad():
+            for k, v in ema.items():
+                v.lerp_(params[k], 1 - decay)
 
     def step_fn(step, gen):
         idx = torch.randint(0, len(latents), (cfg.unet_batch,), generator=gen)
@@ -84,9 +97,12 @@ def train_unet(pipe, latents: torch.Tensor, prompts: list[str], cfg: BuildConfig
         which[torch.rand(len(idx), generator=gen) < cfg.cfg_dropout] = empty  # classifier-free guidance
         return noise_prediction_loss(unet, noise_sched, latents[idx], states[which], generator=gen)
 
-    train(step_fn, dict(unet.named_parameters()),
-          TrainConfig(steps=cfg.unet_steps, lr=cfg.unet_lr, warmup=100, schedule="cosine", seed=cfg.seed,
-                      checkpoint_every=100, desc="unet"), checkpoint_dir=work / "unet", progress=progress)
+    train(step_fn, params, TrainConfig(steps=cfg.unet_steps, lr=cfg.unet_lr, warmup=100, schedule="cosine",
+                                       seed=cfg.seed, checkpoint_every=100, desc="unet"),
+          checkpoint_dir=work / "unet", progress=progress, on_step=average if ema else None, keep=ema)
+    with torch.no_grad():
+        for k, v in ema.items():
+            params[k].copy_(v)
     unet.eval()
 
 
@@ -102,6 +118,14 @@ def build(out: Path, cfg: BuildConfig, stages: list[str], progress: bool = True)
     torch.manual_seed(cfg.seed)
     report = {"config": asdict(cfg)}
     pipe = toymodel.build_pipeline(seed=cfg.seed)
+    if "text" in stages:
+        t0 = time.time()
+        report["text_statistics_before"] = text_statistics(pipe.tokenizer, pipe.text_encoder)
+        report["text_statistics"] = pretrain_text_encoder(pipe.tokenizer, pipe.text_encoder, cfg.text_steps,
+                                                          seed=cfg.seed, checkpoint_dir=work / "text",
+                                                          progress=progress)
+        torch.save(pipe.text_encoder.state_dict(), work / "text_final.pt")
+        report["text_s"] = round(time.time() - t0, 1)
     if "vae" in stages or "unet" in stages:
         t0 = time.time()
         x, prompts = render_training_set(cfg)
@@ -116,6 +140,7 @@ def build(out: Path, cfg: BuildConfig, stages: list[str], progress: bool = True)
         report["vae_s"] = round(time.time() - t0, 1)
     if "unet" in stages:
         t0 = time.time()
+        pipe.text_encoder.load_state_dict(torch.load(work / "text_final.pt"))
         pipe.vae.load_state_dict(torch.load(work / "vae_final.pt"))
         pipe.vae.register_to_config(scaling_factor=_scaling_from(pipe.vae, x))
         latents = torch.cat([encode_images(pipe.vae, x[i:i + 256]) for i in range(0, len(x), 256)])
@@ -141,13 +166,13 @@ def _scaling_from(vae, x: torch.Tensor) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ASSETS))
-    ap.add_argument("--stage", action="append", choices=["vae", "unet", "oracle"],
+    ap.add_argument("--stage", action="append", choices=["text", "vae", "unet", "oracle"],
                     help="stages to run (repeatable); default all")
     for f, v in asdict(BuildConfig()).items():
         ap.add_argument(f"--{f.replace('_', '-')}", type=type(v) if not isinstance(v, bool) else int, default=v)
     args = ap.parse_args(argv)
     cfg = BuildConfig(**{f: getattr(args, f) for f in asdict(BuildConfig())})
-    report = build(Path(args.out), cfg, args.stage or ["vae", "unet", "oracle"])
+    report = build(Path(args.out), cfg, args.stage or ["text", "vae", "unet", "oracle"])
     print(json.dumps(report, indent=1))
 
 

@@ -61,9 +61,11 @@ def export_toy_concept(folder, name: str, setting: str = "relearning", n: int = 
     return write_concept_folder(folder, images, prompt, names, overwrite=overwrite)
 
 
-def word_captions(n: int = 200, seed: int = 0, words: list[str] | None = None) -> list[str]:
+def word_captions(n: int = 200, seed: int = 0, exclude_names=()) -> list[str]:
     """``n`` fixed-by-seed captions of 1-8 words drawn from the toy world's vocabulary: the merge's C_reg
-    on the toy model, whose text encoder knows no other words."""
-    words = list(words or world.vocabulary())
+    on the toy model, whose text encoder knows no other words. The words of ``exclude_names`` (the targets)
+    are left out, so that no caption asks the merge to keep what immunization removes."""
+    banned = {w for name in exclude_names for w in str(name).lower().split()}
+    words = [w for w in world.vocabulary() if w not in banned]
     rng = np.random.default_rng(seed)
     return [" ".join(rng.choice(words, size=int(rng.integers(1, 9)))) for _ in range(n)]

@@ -108,6 +108,15 @@ def concept(name: str) -> Concept:
     raise KeyError(f"unknown toy-world concept {name!r}; known concepts: {known}")
 
 
+def knows(name: str) -> bool:
+    """True if the toy world has a concept of this name."""
+    try:
+        concept(name)
+        return True
+    except KeyError:
+        return False
+
+
 def concept_of_prompt(prompt: str) -> Concept | None:
     """The concept a toy-world prompt names, or None for generic prompts."""
     for c in all_concepts():

@@ -21,6 +21,7 @@ def main(out: Path) -> None:
     pipe = load_toy_pipeline()
     images = toyworld.render_many("boat", 8, 20_000)
     result = run_attack("lora", pipe, images, "a photo of a boat", {"steps": STEPS, "snapshot_steps": SNAPSHOTS},
+                        defaults="toy",
                         snapshot_prompts=["a photo of a boat"] * 2, snapshot_seeds=[0, 1], sample_steps=4,
                         checkpoint_dir=out / "checkpoint", checkpoint_every=1, progress=False)
     lora = {n: p.detach() for n, p in pipe.unet.named_parameters() if "lora" in n}

@@ -18,7 +18,8 @@ torch.set_num_threads(1)
 
 from mima_lib.experiment import stages  # noqa: E402
 from mima_lib.experiment.stages import data as stage_data  # noqa: E402
-from mima_lib.experiment.config import load_experiment, run_dir_for  # noqa: E402
+from mima_lib.experiment.config import run_dir_for  # noqa: E402
+from mima_lib.experiment.loading import load_experiment  # noqa: E402
 
 
 def main(params: Path, run_root: Path, pause: float) -> None:

@@ -18,11 +18,12 @@ torch.set_num_threads(1)
 
 from mima_lib.toy import model as toymodel  # noqa: E402
 from mima_lib.toy import world as toyworld  # noqa: E402
+from mima_lib.toy.data import word_captions  # noqa: E402  (the toy's C_reg, as the experiment gives it)
 from mima_lib.method.immunize import ImmunizeConfig, immunize  # noqa: E402
 
 SMALL = toymodel.ToyModelConfig(image_size=16, text_dim=32, unet_channels=(16, 32), vae_channels=(16, 16))
 CONCEPTS = ["cat", "van gogh", "dog"]  # three concepts on two processes: an uneven split
-BASE = dict(steps=2, inner_lr=1.0, outer_lr=1e-3, batch_size=2, seed=0, hypergrad="hvp")
+BASE = dict(steps=2, inner_lr=1.0, outer_lr=1e-3, batch_size=2, seed=0, hypergrad="hvp", inner_scaling="sgd")
 VARIANTS = {
     # exact (order 2) through the whole-UNet attack, central differences, SGD: the update is beta * gradient
     "o2_unet_central": dict(order=2, inner_params="unet", hvp_scheme="central", optimizer="sgd", dtype="float64"),
@@ -50,7 +51,7 @@ def problem(variant: str):
 def run_single(variant: str):
     pipe, data, reg, cfg = problem(variant)
     before = {k: v.detach().clone() for k, v in pipe.unet.named_parameters()}
-    res = immunize(pipe, data, reg, "artwork", cfg, progress=False)
+    res = immunize(pipe, data, reg, "artwork", cfg, reg_captions=word_captions(), progress=False)
     return before, res
 
 
@@ -60,7 +61,7 @@ def one_gradient(variant: str, comm=None) -> dict:
     from mima_lib.method.problem import prepare
 
     pipe, data, reg, cfg = problem(variant)
-    prob = prepare(pipe, data, reg, "artwork", cfg)
+    prob = prepare(pipe, data, reg, "artwork", cfg, word_captions())
     pipe.unet.requires_grad_(False)
     streamed_step(prob, 0, torch.Generator().manual_seed(cfg.seed), comm)
     return {k: prob.params[k].grad.clone() for k in prob.outer_names}
@@ -75,7 +76,8 @@ def main(out: str, variants: list[str]) -> None:
     for variant in variants:
         grad = one_gradient(variant, TorchComm())
         pipe, data, reg, cfg = problem(variant)
-        res = immunize_distributed(pipe, data, reg, "artwork", cfg, progress=False, accelerator=acc)
+        res = immunize_distributed(pipe, data, reg, "artwork", cfg, reg_captions=word_captions(), progress=False,
+                                   accelerator=acc)
         torch.save({"params": res.params, "losses": res.losses, "extras": res.extras, "grad": grad,
                     "world": acc.num_processes},
                    os.path.join(out, f"{variant}_rank{acc.process_index}.pt"))

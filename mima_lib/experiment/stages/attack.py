@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...attacks import run_attack
+from ...attacks.data import MODIFIER_TOKEN
 from ...evaluation.plots import method_step_grid
 from ...method.tensor_io import atomic_write_text, load_tensors, save_tensors
 from ..artifacts import remove_stale_temporaries, write_manifest
-from ..config import ExperimentConfig, slug, stage_settings
+from ..config import ExperimentConfig, attack_defaults, slug, stage_settings
 from .common import log, model_for, models_of, must_run
 from .data import load_data
 
@@ -28,28 +29,39 @@ def attack_prompt(cfg: ExperimentConfig, concept: str, method: str) -> str:
 
 
 def attack_settings(cfg: ExperimentConfig, method: str, seed: int) -> dict:
+    """The attack's settings from the file, with the run's seed and snapshot steps. Custom Diffusion learns
+    its modifier token in personalization, as the method does."""
     s = dict(cfg.attack.settings.get(method, {}))
     s["seed"] = seed
     if cfg.attack.snapshot_steps is not None:
         s["snapshot_steps"] = list(cfg.attack.snapshot_steps)
+    if method == "custom_diffusion" and cfg.task == "personalization":
+        s.setdefault("modifier_token", MODIFIER_TOKEN)
     return s
+
+
+def sampling(cfg: ExperimentConfig) -> dict:
+    """The snapshots' DDIM steps and guidance: the attack section's, else the data's (the paper's 50 / 7.5)."""
+    return {"sample_steps": cfg.attack.sample_steps or cfg.data.sample_steps,
+            "guidance": cfg.attack.guidance if cfg.attack.guidance is not None else cfg.data.guidance}
 
 
 @dataclass
 class AttackStageResult:
     cfg: ExperimentConfig
     folder: Path
-    snapshots: dict  # (model, concept, attack, seed) -> {step: images}
+    snapshots: dict  # (model, concept, attack, seed) -> {step: images}; benign concepts too (their LoRA runs)
 
     def summary(self) -> None:
         for (model, concept, attack, seed), snaps in self.snapshots.items():
             log(f"{model:>16s} | {concept:>16s} | {attack} seed {seed}: snapshots at {sorted(snaps)}")
 
-    def runs(self, attack: str, seed: int) -> dict:
-        """{model: {concept: {step: images}}} of one attack method and seed."""
+    def runs(self, attack: str, seed: int, concepts=None) -> dict:
+        """{model: {concept: {step: images}}} of one attack method and seed (default: the targets)."""
+        concepts = set(self.cfg.concepts if concepts is None else concepts)
         out: dict = {}
         for (model, concept, a, s), snaps in self.snapshots.items():
-            if a == attack and s == seed:
+            if a == attack and s == seed and concept in concepts:
                 out.setdefault(model, {})[concept] = snaps
         return out
 
@@ -58,48 +70,50 @@ def run_folder(run_dir: Path, model: str, concept: str, attack: str, seed: int) 
     return Path(run_dir) / "attacks" / slug(model) / slug(concept) / attack / f"seed{seed}"
 
 
+def jobs(cfg: ExperimentConfig) -> list[tuple[str, str, str, int]]:
+    """(model, concept, attack, seed) of every run: each attack on each target, and the harmless LoRA
+    fine-tune on each benign concept (evaluate.benign_concepts), on every model."""
+    out = []
+    for model in models_of(cfg):
+        out += [(model, c, m, s) for c in cfg.concepts for m in cfg.attack.methods for s in cfg.attack.seeds]
+        out += [(model, c, "lora", s) for c in cfg.evaluate.benign_concepts for s in cfg.attack.seeds]
+    return out
+
+
 def attack(cfg: ExperimentConfig, run_dir: Path, force: bool = False) -> AttackStageResult:
     """Attack every model (no defense + each immunization method) on every concept, with every attack."""
     data = load_data(cfg, run_dir)
     snapshots = {}
-    for model in models_of(cfg):
-        for concept in cfg.concepts:
-            for method in cfg.attack.methods:
-                for seed in cfg.attack.seeds:
-                    folder = run_folder(run_dir, model, concept, method, seed)
-                    settings = {**stage_settings(cfg, "erase", "data", "immunize"), "attack": method,
-                                "attack_settings": attack_settings(cfg, method, seed),
-                                "n_images": cfg.attack.n_images}
-                    if must_run(folder, settings, force):
-                        log(f"attack {method} (seed {seed}) on {model!r} for {concept!r}")
-                        remove_stale_temporaries(folder)  # what a killed earlier try left
-                        pipe = model_for(cfg, run_dir, model)
-                        prompt = attack_prompt(cfg, concept, method)
-                        n = cfg.attack.n_images
-                        result = run_attack(method, pipe, data.images[concept]["attack"], prompt,
-                                            attack_settings(cfg, method, seed), snapshot_prompts=[prompt] * n,
-                                            snapshot_seeds=list(range(n)), progress=False,
-                                            checkpoint_dir=folder / "checkpoint")
-                        save_tensors({str(k): v for k, v in result.snapshots.items()},
-                                     folder / "snapshots.safetensors")
-                        atomic_write_text(folder / "losses.json", json.dumps({"losses": result.losses,
-                                                                               "prompt": prompt}))
-                        write_manifest(folder, settings, seed)
-                    snaps = load_tensors(folder / "snapshots.safetensors")
-                    snapshots[(model, concept, method, seed)] = {int(k): v for k, v in snaps.items()}
+    for model, concept, method, seed in jobs(cfg):
+        folder = run_folder(run_dir, model, concept, method, seed)
+        settings = {**stage_settings(cfg, "erase", "data", "immunize"), "attack": method,
+                    "attack_settings": attack_settings(cfg, method, seed), "n_images": cfg.attack.n_images,
+                    **sampling(cfg)}
+        if must_run(folder, settings, force):
+            log(f"attack {method} (seed {seed}) on {model!r} for {concept!r}")
+            remove_stale_temporaries(folder)  # what a killed earlier try left
+            pipe = model_for(cfg, run_dir, model)
+            prompt = attack_prompt(cfg, concept, method)
+            n = cfg.attack.n_images
+            result = run_attack(method, pipe, data.images[concept]["attack"], prompt,
+                                attack_settings(cfg, method, seed), defaults=attack_defaults(cfg),
+                                snapshot_prompts=[prompt] * n, snapshot_seeds=list(range(n)), progress=False,
+                                checkpoint_dir=folder / "checkpoint", **sampling(cfg))
+            save_tensors({str(k): v for k, v in result.snapshots.items()}, folder / "snapshots.safetensors")
+            atomic_write_text(folder / "losses.json", json.dumps({"losses": result.losses, "prompt": prompt}))
+            write_manifest(folder, settings, seed)
+        snaps = load_tensors(folder / "snapshots.safetensors")
+        snapshots[(model, concept, method, seed)] = {int(k): v for k, v in snaps.items()}
     return AttackStageResult(cfg, Path(run_dir) / "attacks", snapshots)
 
 
 def load_attacks(cfg: ExperimentConfig, run_dir: Path) -> AttackStageResult:
     snapshots = {}
-    for model in models_of(cfg):
-        for concept in cfg.concepts:
-            for method in cfg.attack.methods:
-                for seed in cfg.attack.seeds:
-                    path = run_folder(run_dir, model, concept, method, seed) / "snapshots.safetensors"
-                    if not path.exists():
-                        raise FileNotFoundError(f"{path} is missing: run the attack notebook (04 or 05) first")
-                    snapshots[(model, concept, method, seed)] = {int(k): v for k, v in load_tensors(path).items()}
+    for model, concept, method, seed in jobs(cfg):
+        path = run_folder(run_dir, model, concept, method, seed) / "snapshots.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run the attack notebook (04 or 05) first")
+        snapshots[(model, concept, method, seed)] = {int(k): v for k, v in load_tensors(path).items()}
     return AttackStageResult(cfg, Path(run_dir) / "attacks", snapshots)
 
 
@@ -107,5 +121,6 @@ def show_attacks(res: AttackStageResult, concept: str | None = None, index: int 
     """Rows: models; columns: snapshot steps; one concept, the first attack and seed."""
     cfg = res.cfg
     concept = concept or cfg.concepts[0]
-    runs = res.runs(cfg.attack.methods[0], cfg.attack.seeds[0])
+    method = cfg.attack.methods[0] if concept in cfg.concepts else "lora"  # a benign concept's harmless LoRA
+    runs = res.runs(method, cfg.attack.seeds[0], concepts=[concept])
     return method_step_grid({m: per[concept] for m, per in runs.items()}, index=index)

@@ -121,7 +121,7 @@ def make_data(cfg: ExperimentConfig, run_dir: Path, force: bool = False) -> Data
             for marker in folder.rglob(PART_DONE):
                 marker.unlink()
         pipe, skipped = None, []
-        for k, name in enumerate(cfg.concepts):
+        for k, name in enumerate(cfg.concepts + cfg.evaluate.benign_concepts):
             keys = {part: f"{slug(name)}/{part}" for part in PARTS}
             todo = [part for part in PARTS if not _part_done(folder / keys[part], settings, keys[part])]
             skipped += [keys[part] for part in PARTS if part not in todo]
@@ -156,7 +156,7 @@ def make_data(cfg: ExperimentConfig, run_dir: Path, force: bool = False) -> Data
 def load_data(cfg: ExperimentConfig, run_dir: Path) -> DataResult:
     folder = Path(run_dir) / "data"
     res = DataResult(cfg, folder)
-    for name in cfg.concepts:
+    for name in cfg.concepts + cfg.evaluate.benign_concepts:
         res.images[name] = {part: load_concept_folder(folder / slug(name) / part).images
                             for part in ("immunize", "attack", "reference")}
     for p in regularization_prompts(cfg):
@@ -170,4 +170,4 @@ def show_data(data: DataResult, per_part: int = 6):
     for c, parts in data.images.items():
         images += parts["immunize"][:per_part] + parts["attack"][:per_part]
         labels.append(c)
-    return image_grid(images, len(labels), 2 * per_part, scale=3, labels=labels)
+    return image_grid(images, len(labels), 2 * per_part, labels=labels)

@@ -1,7 +1,7 @@
 """Stage 02, erasure: UCE removes the target concepts from the base model (re-learning task only).
 
-Each target's prompt is mapped onto its guide ("" in the reference code) in every cross-attention K/V
-projection, while other concepts are preserved (on the toy: every other base concept of the world).
+Each target is mapped onto its guide ("" in the reference code) in every cross-attention K/V projection,
+while "" and other concepts are preserved (on the toy: every other base concept of the world).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ...method.diffusion import generate
 from ...method.erase import erase_concepts
 from ...method.tensor_io import load_tensors, save_tensors
 from ..artifacts import remove_stale_temporaries, write_manifest
-from ..config import ExperimentConfig, erase_lam, stage_settings
+from ..config import ExperimentConfig, erase_lam, erase_settings_used, stage_settings
 from .common import base_pipeline, log, must_run
 
 
@@ -41,22 +41,33 @@ def erase_settings(cfg: ExperimentConfig) -> dict:
     return stage_settings(cfg, "erase")
 
 
-def preserve_prompts(cfg: ExperimentConfig) -> list[str]:
-    """What UCE keeps: erase.preserve (concept names or prompts), by default on the toy every other base
-    concept of the world."""
-    if cfg.erase.preserve:
-        out = []
-        for p in cfg.erase.preserve:
-            if p in cfg.definitions:
-                out.append(cfg.definitions[p].prompt)
-            else:
-                out.append(p)
-        return out
-    if not cfg.is_toy:
-        return []
-    from ...toy import world
+def uce_arguments(cfg: ExperimentConfig) -> dict:
+    """What UCE erases, toward what, and what it keeps (method/erase.py's erase_concepts arguments).
 
-    return [world.concept(n).prompt for n in world.BASE_OBJECTS + world.BASE_ARTISTS if n not in cfg.concepts]
+    'reference' rows (the default): each target's bare name toward its guide, keeping "" and the preserved
+    concepts' names, as UCE's and MIMA's reference code do; the other token_positions erase the templated
+    prompts and keep prompts. Preserved: erase.preserve (names or prompts), by default on the toy every other
+    base concept of the world."""
+    used = erase_settings_used(cfg)
+    bare = used["token_positions"] == "reference"
+    targets = [cfg.concept(c) for c in cfg.concepts]
+    from ...toy import world  # the toy's default preserve list, and the prompts of its concepts
+
+    keep = list(cfg.erase.preserve)
+    if not keep and cfg.is_toy:
+        keep = [n for n in world.BASE_OBJECTS + world.BASE_ARTISTS if n not in cfg.concepts]
+    preserve = []
+    for p in keep:
+        if p in cfg.definitions:
+            preserve.append(p if bare else cfg.definitions[p].prompt)
+        elif cfg.is_toy and world.knows(p):
+            preserve.append(p if bare else world.concept(p).prompt)
+        else:
+            preserve.append(p)  # a prompt as written
+    return {"erase_prompts": [c.name if bare else c.prompt for c in targets],
+            "guide_prompts": [c.guide for c in targets],
+            "preserve_prompts": ([""] if bare else []) + preserve,
+            **used}
 
 
 def erase(cfg: ExperimentConfig, run_dir: Path, force: bool = False, n_show: int = 8) -> EraseResult:
@@ -73,16 +84,15 @@ def erase(cfg: ExperimentConfig, run_dir: Path, force: bool = False, n_show: int
         seeds = [s for _ in prompts for s in range(n_show)]
         show = [p for p in prompts for _ in range(n_show)]
         before = generate(pipe, show, seeds)
-        guides = [c.guide for c in concepts]
-        preserve = preserve_prompts(cfg)
-        info = erase_concepts(pipe, prompts, guides, preserve, lam=erase_lam(cfg),
-                              preserve_scale=cfg.erase.preserve_scale, token_positions=cfg.erase.token_positions)
+        uce = uce_arguments(cfg)
+        info = erase_concepts(pipe, **uce)
         changed = {f"{n}.weight": m.weight for n, m in pipe.unet.named_modules()
                    if n in set(info["layer_names"])}
         save_tensors(changed, folder / "erased.safetensors", {"format": "mima-erased/1"})
         after = generate(pipe, show, seeds)
-        summary = {"enabled": True, "layers_edited": info["layers_edited"], "guides": guides,
-                   "preserve": preserve}
+        summary = {"enabled": True, "layers_edited": info["layers_edited"], "erased": uce["erase_prompts"],
+                   "guides": uce["guide_prompts"], "preserve": uce["preserve_prompts"],
+                   "preserve_scale": info["preserve_scale"]}
         if cfg.is_toy:
             from ...toy.oracle import load_toy_oracle
 
@@ -106,4 +116,4 @@ def show_erasure(res: EraseResult):
     n = len(res.before) // len(res.cfg.concepts)
     rows = [torch.cat([res.before[i * n:(i + 1) * n], res.after[i * n:(i + 1) * n]])
             for i in range(len(res.cfg.concepts))]
-    return image_grid(torch.cat(rows), len(rows), 2 * n, scale=3, labels=list(res.cfg.concepts))
+    return image_grid(torch.cat(rows), len(rows), 2 * n, labels=list(res.cfg.concepts))

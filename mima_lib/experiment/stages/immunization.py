@@ -8,11 +8,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ...method.captions import generic_captions
 from ...method.immunize import immunize as run_immunize
 from ...method.immunize import save_immunized
 from ..artifacts import remove_stale_temporaries, write_manifest
-from ..config import ExperimentConfig, immunize_config, slug, stage_settings
+from ..config import ExperimentConfig, immunize_config, merge_captions, slug, stage_settings
 from .common import log, must_run, starting_pipeline
 from .data import load_data
 
@@ -28,16 +27,6 @@ class ImmunizeStageResult:
             ex = info.get("final_extras", {})
             log(f"{m:>16s}: {info['steps_run']} steps, {info['seconds_per_step']:.2f} s/step, "
                 f"final upper loss {ex.get('target', float('nan')):.4f}")
-
-
-def merge_captions(cfg: ExperimentConfig) -> list[str]:
-    """The merge's regularization captions (C_reg): the toy world's word captions on the toy model (its text
-    encoder knows no other words), else the project's generic captions without those naming a target."""
-    if cfg.is_toy:
-        from ...toy.data import word_captions
-
-        return word_captions()
-    return generic_captions(exclude_names=cfg.concepts)
 
 
 def immunize(cfg: ExperimentConfig, run_dir: Path, force: bool = False) -> ImmunizeStageResult:

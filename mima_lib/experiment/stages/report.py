@@ -6,14 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...evaluation.features import make_extractor
 from ...evaluation.metrics import (confidence_interval, markdown_table, paper_table, sgr_table, similarity_curve,
                                   write_table)
 from ...evaluation.plots import write_report
 from ...method.diffusion import generate
 from ...method.tensor_io import atomic_write_text
 from ..artifacts import remove_stale_temporaries, write_manifest
-from ..config import ExperimentConfig, stage_settings
+from ..config import ExperimentConfig, extractor_for, stage_settings
 from .attack import AttackStageResult, load_attacks
 from .common import BASELINE, log, model_for, models_of
 from .data import load_data
@@ -38,13 +37,13 @@ class Markdown(str):
         return str(self)
 
 
-def _accuracy_rows(cfg, res: AttackStageResult, attack: str) -> list[dict]:
+def _accuracy_rows(cfg, res: AttackStageResult, attack: str, concepts: list[str]) -> list[dict]:
     """Toy world: oracle top-1 accuracy of the attacked models' generations (the most readable number)."""
     from ...toy.oracle import load_toy_oracle
 
     oracle, rows = load_toy_oracle(), []
     for model in models_of(cfg):
-        for concept in cfg.concepts:
+        for concept in concepts:
             steps = res.snapshots[(model, concept, attack, cfg.attack.seeds[0])]
             for step in sorted(steps):
                 vals = [oracle.accuracy(res.snapshots[(model, concept, attack, s)][step], concept)
@@ -56,34 +55,75 @@ def _accuracy_rows(cfg, res: AttackStageResult, attack: str) -> list[dict]:
 
 
 def utility_rows(cfg: ExperimentConfig, run_dir: Path) -> list[dict]:
-    """Non-target concepts before vs after immunization: oracle accuracy (toy) of n generations each."""
-    if not cfg.is_toy or not cfg.utility_concepts:
+    """Non-target concepts before vs after immunization, n generations each at fixed seeds: the oracle's
+    accuracy on the toy world, and the CLIP score of each generation to its prompt when CLIP is an extractor
+    (the real-model utility)."""
+    use_oracle = cfg.is_toy and all(cfg.concept(c).toy for c in cfg.utility_concepts)
+    use_clip = "clip" in cfg.evaluate.extractors
+    if not cfg.utility_concepts or not (use_oracle or use_clip):
         return []
-    from ...toy.oracle import load_toy_oracle
+    oracle = None
+    if use_oracle:
+        from ...toy.oracle import load_toy_oracle
 
-    oracle, rows, n = load_toy_oracle(), [], cfg.evaluate.utility_images
+        oracle = load_toy_oracle()
+    clip = extractor_for(cfg, "clip") if use_clip else None
+    rows, n = [], cfg.evaluate.utility_images
+    prompts = [cfg.concept(c).prompt for c in cfg.utility_concepts]
     for model in models_of(cfg):
         pipe = model_for(cfg, run_dir, model)
-        prompts = [cfg.concept(c).prompt for c in cfg.utility_concepts]
-        ims = generate(pipe, [p for p in prompts for _ in range(n)], [s for _ in prompts for s in range(n)])
+        ims = generate(pipe, [p for p in prompts for _ in range(n)], [s for _ in prompts for s in range(n)],
+                       **_generation(cfg))
         for i, c in enumerate(cfg.utility_concepts):
-            rows.append({"model": model, "concept": c, "oracle_accuracy": oracle.accuracy(ims[i * n:(i + 1) * n], c)})
+            row = {"model": model, "concept": c}
+            if oracle is not None:
+                row["oracle_accuracy"] = oracle.accuracy(ims[i * n:(i + 1) * n], c)
+            if clip is not None:
+                row["clip_score"] = float(clip.clip_score(ims[i * n:(i + 1) * n], [prompts[i]] * n).mean())
+            rows.append(row)
     return rows
 
 
-def extractor_for(cfg: ExperimentConfig, name: str):
-    """A feature extractor of evaluate.extractors: the toy world's oracle, or CLIP / DINO / LPIPS."""
-    if name == "oracle":
-        from ...toy.oracle import OracleExtractor
+def _generation(cfg: ExperimentConfig) -> dict:
+    from .attack import sampling
 
-        return OracleExtractor()
-    return make_extractor(name, cfg.evaluate.models.get(name))
+    s = sampling(cfg)
+    return {"steps": s["sample_steps"], "guidance": s["guidance"]}
+
+
+def _attack_rows(cfg, res: AttackStageResult, refs: dict, attack: str, concepts: list[str]) -> list[dict]:
+    """SGR rows of one attack on these concepts, per extractor, with CIs over the attack seeds (+ toy ACC)."""
+    rows = []
+    for name in cfg.evaluate.extractors:
+        extractor = extractor_for(cfg, name)
+        curves = {}
+        for seed in cfg.attack.seeds:
+            runs = res.runs(attack, seed, concepts)
+            curves[seed] = {m: {c: similarity_curve(refs[c], runs[m][c], extractor) for c in concepts}
+                            for m in runs}
+        rows += sgr_table(curves, baseline=BASELINE, extractor=name)
+    if cfg.is_toy and all(cfg.concept(c).toy for c in concepts):
+        rows += _accuracy_rows(cfg, res, attack, concepts)
+    return rows
+
+
+def _tables(cfg, rows: list[dict], last: int, accuracy_note: str) -> list[str]:
+    out = []
+    for name in cfg.evaluate.extractors:
+        sub = [r for r in rows if r["extractor"] == name]
+        out.append(f"### {name}\n\n" + markdown_table(paper_table(sub, last)) + "\n")
+    acc = [r for r in rows if r["metric"] == "ACC"]
+    if acc:
+        out.append(f"### oracle accuracy of the attacked models ({accuracy_note})\n\n"
+                   + markdown_table(paper_table(acc, last, metric="ACC", percent=False)) + "\n")
+    return out
 
 
 def report(cfg: ExperimentConfig, run_dir: Path, force: bool = False) -> ReportResult:
     res = load_attacks(cfg, run_dir)
     data = load_data(cfg, run_dir)
-    refs = {c: data.images[c]["reference"] for c in cfg.concepts}
+    benign = cfg.evaluate.benign_concepts
+    refs = {c: data.images[c]["reference"] for c in cfg.concepts + benign}
     folder = Path(run_dir) / "report"
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(folder)  # what a killed earlier try left
@@ -91,32 +131,24 @@ def report(cfg: ExperimentConfig, run_dir: Path, force: bool = False) -> ReportR
                 f"model: {cfg.model}; attacks: {', '.join(cfg.attack.methods)}; seeds: {cfg.attack.seeds}\n"]
     figures: list = []
     for attack in cfg.attack.methods:
-        rows = []
-        for name in cfg.evaluate.extractors:
-            extractor = extractor_for(cfg, name)
-            curves = {}
-            for seed in cfg.attack.seeds:
-                runs = res.runs(attack, seed)
-                curves[seed] = {m: {c: similarity_curve(refs[c], runs[m][c], extractor) for c in cfg.concepts} for m in runs}
-            rows += sgr_table(curves, baseline=BASELINE, extractor=name)
-        if cfg.is_toy:
-            rows += _accuracy_rows(cfg, res, attack)
+        rows = _attack_rows(cfg, res, refs, attack, cfg.concepts)
         snaps = {c: {m: res.runs(attack, cfg.attack.seeds[0])[m][c] for m in models_of(cfg)} for c in cfg.concepts}
         figures += write_report(folder, attack, rows, snaps)
         last = max(r["step"] for r in rows)
         sections.append(f"## {attack}: SGR (%) at step {last}\n")
-        for name in cfg.evaluate.extractors:
-            sub = [r for r in rows if r["extractor"] == name]
-            sections.append(f"### {name}\n\n" + markdown_table(paper_table(sub, last)) + "\n")
-        if cfg.is_toy:
-            acc = [r for r in rows if r["metric"] == "ACC"]
-            sections.append("### oracle accuracy of the attacked models (lower = better protection)\n\n"
-                            + markdown_table(paper_table(acc, last, metric="ACC", percent=False)) + "\n")
+        sections += _tables(cfg, rows, last, "lower = better protection")
+    if benign:
+        rows = _attack_rows(cfg, res, refs, "lora", benign)
+        snaps = {c: {m: res.runs("lora", cfg.attack.seeds[0], benign)[m][c] for m in models_of(cfg)} for c in benign}
+        figures += write_report(folder, "benign_lora", rows, snaps)
+        last = max(r["step"] for r in rows)
+        sections.append(f"## Harmless fine-tuning: LoRA on {', '.join(benign)} at step {last} (SGR near 0 = the "
+                        "immunized model still learns new concepts)\n")
+        sections += _tables(cfg, rows, last, "higher = fine-tuning works")
     util = utility_rows(cfg, run_dir)
     if util:
         write_table(util, folder, "utility")
-        sections.append("## Utility: non-target concepts after immunization (oracle accuracy)\n\n"
-                        + markdown_table(util) + "\n")
+        sections.append("## Utility: non-target concepts after immunization\n\n" + markdown_table(util) + "\n")
     sections.append("## Figures\n\n" + "\n".join(f"![{Path(f).stem}]({Path(f).name})" for f in figures
                                                  if str(f).endswith(".png")) + "\n")
     text = "\n".join(sections)
