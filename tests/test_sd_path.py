@@ -127,8 +127,8 @@ def _kv(pipe, prompt: str) -> torch.Tensor:
 
 
 def test_uce_erases_the_bare_name_not_the_template(sd_shaped):
-    """The reference erases 'van gogh' itself, its last token onward (no row of 'an artwork of'), toward the
-    aligned rows of "", keeping "". Every K/V output still moves a little: the random encoder's rows share one
+    """The reference erases 'van gogh' itself, its tokens, EOS and the padding (no row of 'an artwork of'),
+    toward the aligned rows of "", keeping "". Every K/V output still moves a little: the random encoder's rows share one
     direction (mean cosine 0.86 between rows of different prompts), so no edit leaves them exactly alone. But
     the template and a non-target prompt move much less than when the templated prompt is erased (the old
     scheme; measured 34% vs 78% and 13% vs 20%)."""
@@ -139,8 +139,9 @@ def test_uce_erases_the_bare_name_not_the_template(sd_shaped):
         bare = encode_prompt_tokens(pipe, ["van gogh"], include_padding=True)[0]
         guide = encode_prompt_tokens(pipe, [""], include_padding=True)[0]
         erased, target = reference_rows(bare, guide, 3, 1)  # EOS at 3 ([BOS, van, gogh, EOS]) and at 1 for ""
-    torch.testing.assert_close(erased, bare[2:])  # 'gogh', EOS and the padding
-    torch.testing.assert_close(target, guide[:75])  # 'gogh' -> BOS of "", EOS -> EOS, padding -> padding
+    torch.testing.assert_close(erased, bare[1:])  # 'van', 'gogh', EOS and the padding
+    torch.testing.assert_close(target[:2], guide[:1].expand(2, -1))  # both name tokens -> BOS of ""
+    torch.testing.assert_close(target[2:], guide[1:75])  # EOS -> EOS, padding -> padding
     changes = {}
     for positions, erase in (("reference", "van gogh"), ("all", "an artwork of van gogh")):
         pipe = load_pipeline(sd_shaped["model"])

@@ -41,6 +41,26 @@ def test_resume_in_process_equals_uninterrupted(tmp_path):
     assert resumed.losses == full.losses
 
 
+def test_kept_tensors_resume_with_the_weights(tmp_path):
+    """An EMA copy the caller updates (the toy build's UNet) is saved with every checkpoint and restored."""
+    def run(steps, folder):
+        w, fn = _quadratic_problem()
+        ema = {"w": torch.zeros(5)}
+
+        def average(step):
+            with torch.no_grad():
+                ema["w"].lerp_(w, 0.5)
+
+        train(fn, {"w": w}, TrainConfig(steps=steps, lr=0.1, seed=1, checkpoint_every=2), folder, progress=False,
+              on_step=average, keep=ema)
+        return ema["w"]
+
+    reference = run(8, tmp_path / "a")
+    run(4, tmp_path / "b")
+    resumed = run(8, tmp_path / "b")
+    assert torch.equal(resumed, reference) and resumed.abs().sum() > 0
+
+
 def test_learning_rate_schedule():
     cfg = TrainConfig(steps=100, lr=1.0, warmup=10, schedule="cosine")
     assert lr_factor(0, cfg) == 0.1 and lr_factor(9, cfg) == 1.0

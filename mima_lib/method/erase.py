@@ -82,13 +82,19 @@ def align_guide_rows(erase_rows: Tensor, guide_rows: Tensor) -> Tensor:
 
 
 def reference_rows(erase_full: Tensor, guide_full: Tensor, erase_eos: int, guide_eos: int) -> tuple[Tensor, Tensor]:
-    """UCE's reference pairing (token_positions='reference'): the erase text's rows from its last content token
-    to the end of the padding, against the guide's rows from its own last content token (BOS for ""), the two
-    aligned from there and cut to the same length. Returns (erase rows, guide rows)."""
+    """The bare concept text's rows, paired as UCE's reference code pairs them (token_positions='reference'):
+    the name's token rows take the guide's last content row (BOS for ""), and from EOS on the rows are
+    aligned (EOS with EOS, the padding with the padding), cut to the same length. The reference keeps only
+    the name's last token; with a one-token name the two agree. We keep every token of the name: a name of
+    several tokens ("van gogh") is otherwise still read from its first ones (measured on the toy model: van
+    gogh stayed at 75% when only "gogh" onward was erased). Returns (erase rows, guide rows)."""
     L = erase_full.shape[0]
-    e, g = erase_eos - 1, guide_eos - 1  # last content token; for "" that is BOS (0)
-    far = max(e, g)
-    return erase_full[e:L - (far - e)], guide_full[g:L - (far - g)]
+    tail = L - max(erase_eos, guide_eos)  # EOS and the padding both prompts have from their EOS on
+    names = erase_full[1:erase_eos]
+    erase = torch.cat([names, erase_full[erase_eos:erase_eos + tail]])
+    guide = torch.cat([guide_full[guide_eos - 1:guide_eos].expand(len(names), -1),
+                       guide_full[guide_eos:guide_eos + tail]])
+    return erase, guide
 
 
 def _rows(tokens: Tensor, token_positions: str) -> Tensor:
@@ -125,8 +131,8 @@ def erase_concepts(
     """Erase concepts from ``pipe.unet`` in place by UCE-editing every ``attn2.to_k`` / ``attn2.to_v``.
 
     Row choice, ``token_positions="reference"`` (UCE's reference code, the default): erase the bare concept
-    text ("van gogh", not "an artwork of van gogh"), its rows from the last content token through EOS and the
-    padding, paired with the guide's by :func:`reference_rows`; preserve every row of each preserve prompt
+    text ("van gogh", not "an artwork of van gogh"), its token rows, EOS and the padding, paired with the
+    guide's by :func:`reference_rows`; preserve every row of each preserve prompt
     (give "" among them to keep the unconditional prompt, as the reference does). The ablations:
     ``token_positions="concept"``: for each erase prompt, all its token embeddings from
     position 1 (after BOS) to EOS inclusive, paired with the guide prompt's rows by

@@ -35,10 +35,12 @@ class EraseResult:
         log(f"UCE edited {self.info['layers_edited']} cross-attention K/V layers (lam {erase_lam(self.cfg)})")
         for c, acc in self.info.get("oracle_accuracy", {}).items():
             log(f"{c:>20s}: oracle accuracy {acc['before']:.0%} -> {acc['after']:.0%}")
+        for c, acc in self.info.get("utility_accuracy", {}).items():
+            log(f"{c:>20s}: (not erased) {acc['before']:.0%} -> {acc['after']:.0%}")
 
 
 def erase_settings(cfg: ExperimentConfig) -> dict:
-    return stage_settings(cfg, "erase")
+    return stage_settings(cfg, "erase", "utility_concepts")
 
 
 def uce_arguments(cfg: ExperimentConfig) -> dict:
@@ -84,6 +86,7 @@ def erase(cfg: ExperimentConfig, run_dir: Path, force: bool = False, n_show: int
         seeds = [s for _ in prompts for s in range(n_show)]
         show = [p for p in prompts for _ in range(n_show)]
         before = generate(pipe, show, seeds)
+        others = _toy_utility(cfg, pipe) if cfg.is_toy else {}  # what erasure costs the non-targets
         uce = uce_arguments(cfg)
         info = erase_concepts(pipe, **uce)
         changed = {f"{n}.weight": m.weight for n, m in pipe.unet.named_modules()
@@ -101,12 +104,27 @@ def erase(cfg: ExperimentConfig, run_dir: Path, force: bool = False, n_show: int
                 c.name: {"before": oracle.accuracy(before[i * n_show:(i + 1) * n_show], c.name),
                          "after": oracle.accuracy(after[i * n_show:(i + 1) * n_show], c.name)}
                 for i, c in enumerate(concepts) if c.toy}
+            after_others = _toy_utility(cfg, pipe)
+            summary["utility_accuracy"] = {c: {"before": others[c], "after": after_others[c]} for c in others}
         save_tensors({"before": before, "after": after}, folder / "preview.safetensors")
         (folder / "erase.json").write_text(json.dumps(summary, indent=1))
         write_manifest(folder, settings, cfg.seed)
     preview = load_tensors(folder / "preview.safetensors")
     return EraseResult(cfg, folder, json.loads((folder / "erase.json").read_text()), preview["before"],
                        preview["after"])
+
+
+def _toy_utility(cfg: ExperimentConfig, pipe) -> dict[str, float]:
+    """The oracle's accuracy on the toy utility concepts (evaluate.utility_images generations each)."""
+    from ...toy.oracle import load_toy_oracle
+
+    names = [c for c in cfg.utility_concepts if cfg.concept(c).toy]
+    if not names:
+        return {}
+    n, oracle = cfg.evaluate.utility_images, load_toy_oracle()
+    ims = generate(pipe, [cfg.concept(c).prompt for c in names for _ in range(n)], [s for _ in names for s in range(n)],
+                   cfg.data.sample_steps, cfg.data.guidance)
+    return {c: oracle.accuracy(ims[i * n:(i + 1) * n], c) for i, c in enumerate(names)}
 
 
 def show_erasure(res: EraseResult):
