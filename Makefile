@@ -30,11 +30,15 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) -m mima_lib.experiment.run papermill_params/default.yaml
 
+# Two pytest-xdist workers with one torch thread each, subprocesses and notebook kernels included
+# (OMP_NUM_THREADS): the torch work of the tests is small ops that one thread runs as fast as two, and two
+# processes with two threads each on 2 cores run ~7x slower. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 MIMA_TEST_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 MIMA_TEST_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
 
 clean-runs:
 	rm -rf runs

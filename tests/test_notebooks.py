@@ -24,6 +24,7 @@ def test_notebooks_are_clean_and_paired(path):
         f"{path.name} and its .py differ: run `jupytext --sync notebooks/{path.stem}.py`"
 
 
+@pytest.mark.xdist_group("smoke_run")  # one worker computes the shared smoke run (conftest.py)
 def test_sequence_runs_under_papermill(smoke_run):
     executed = sorted(p.stem for p in (smoke_run / "notebooks").glob("*.ipynb"))
     assert executed == [s for s in SEQUENCE if s != "05_personalization_attack"]
@@ -37,6 +38,7 @@ def test_sequence_runs_under_papermill(smoke_run):
     assert (smoke_run / "report" / "lora_oracle_sgr.png").stat().st_size > 1000
 
 
+@pytest.mark.xdist_group("smoke_run")
 def test_rerun_skips_finished_stages(smoke_run):
     before = (smoke_run / "immunized" / "mima" / "immunized.safetensors").stat().st_mtime_ns
     run_sequence(PARAMS / "smoke.yaml", only=["03"], run_root=smoke_run.parent, log=lambda m: None)

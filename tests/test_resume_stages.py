@@ -157,6 +157,7 @@ def _comparable(rel: str, content: bytes):
     return content
 
 
+@pytest.mark.xdist_group("smoke_run")  # one worker computes the shared smoke run (conftest.py)
 def test_killed_run_of_the_sequence_resumes_identical(smoke_run, tmp_path):
     cmd = [sys.executable, "-m", "mima_lib.experiment.run", str(PARAMS / "smoke.yaml"), "--run-root", str(tmp_path)]
     run_dir = tmp_path / smoke_run.name
