@@ -38,6 +38,9 @@ BASE = world.BASE_OBJECTS + world.BASE_ARTISTS
 N = 16
 
 
+EXTRA_SETS: list[str] = []  # --set KEY=VALUE from the command line, applied to every part
+
+
 def _config(name: str, targets: list[str], seed: int, sets: list[str], run_root: Path):
     data = yaml.safe_load(DEFAULT.read_text())
     prior = [c for c in data["data"].get("regularization_concepts", []) if c not in targets]
@@ -48,7 +51,7 @@ def _config(name: str, targets: list[str], seed: int, sets: list[str], run_root:
     path = run_root / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data))
-    cfg = load_experiment(path, base + sets)
+    cfg = load_experiment(path, base + sets + EXTRA_SETS)
     return cfg, run_dir_for(cfg, run_root), prior, others
 
 
@@ -72,7 +75,7 @@ def relearn(targets, seed, run_root) -> dict:
     from mima_lib.toy.oracle import load_toy_oracle
 
     methods = ["lora", "textual_inversion", "dreambooth", "custom_diffusion"]
-    cfg, run_dir, _, others = _config("relearn", targets, seed, ["immunize.methods=[]", f"attack.methods={methods}",
+    cfg, run_dir, _, others = _config("relearn", targets, seed, ["immunize.methods=[]", "immunize.per_method={}", f"attack.methods={methods}",
                                                                   "attack.settings={}", "attack.snapshot_steps=null"],
                                       run_root)
     stages.make_data(cfg, run_dir)
@@ -93,7 +96,7 @@ def relearn(targets, seed, run_root) -> dict:
 def immunize(targets, seed, run_root) -> dict:
     from mima_lib.toy.oracle import load_toy_oracle
 
-    cfg, run_dir, prior, others = _config("immunize", targets, seed, ["immunize.methods=[mima]",
+    cfg, run_dir, prior, others = _config("immunize", targets, seed, ["immunize.methods=[mima]", "immunize.per_method={}",
                                                                       "evaluate.benign_concepts=[boat]"], run_root)
     stages.make_data(cfg, run_dir)
     stages.erase(cfg, run_dir)
@@ -122,7 +125,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", action="append", choices=["quality", "relearn", "immunize"])
     ap.add_argument("--run-root", default=str(ROOT / "runs" / "toy_bars"))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--set", action="append", default=[], help="KEY.PATH=VALUE override of default.yaml")
     args = ap.parse_args(argv)
+    EXTRA_SETS[:] = args.set
     out, root = {}, Path(args.run_root)
     for part in args.only or ["quality", "relearn", "immunize"]:
         t0 = time.time()

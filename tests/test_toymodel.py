@@ -64,3 +64,36 @@ def test_unreachable_hub_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="model hub"):
         load_pipeline("CompVis/stable-diffusion-v1-4")
+
+
+def test_latent_centering_is_exact_and_centres_the_latents():
+    """build.center_latents folds the channel means into the VAE's biases: decoding is unchanged, the latents
+    are zero-mean, and scaling_factor makes them unit-variance (SD's convention)."""
+    from mima_lib.method.diffusion import images_to_tensor
+    from mima_lib.toy.build import center_latents
+    from mima_lib.toy import world
+
+    vae = toymodel.build_vae(toymodel.ToyModelConfig())
+    with torch.no_grad():
+        vae.quant_conv.bias[:4] += torch.tensor([1.5, -2.0, 0.5, 3.0])  # latents far from zero, as trained ones were
+    x = images_to_tensor(world.render_many("cat", 8) + world.render_many("van gogh", 8))
+    with torch.no_grad():
+        z0 = vae.encode(x).latent_dist.mean
+        before = vae.decode(z0).sample
+    removed = center_latents(vae, x)["removed_mean"]
+    torch.testing.assert_close(torch.tensor(removed), z0.mean((0, 2, 3)))
+    with torch.no_grad():
+        z1 = vae.encode(x).latent_dist.mean
+        after = vae.decode(z1).sample
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    assert z1.mean((0, 2, 3)).abs().max() < 1e-4
+    assert abs(float((z1 * vae.config.scaling_factor).std()) - 1.0) < 1e-3
+
+
+def test_toy_unet_has_no_attention_at_full_resolution():
+    unet = toymodel.build_unet(toymodel.ToyModelConfig())
+    assert unet.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D")
+    assert unet.config.up_block_types == ("CrossAttnUpBlock2D", "UpBlock2D")
+    full = toymodel.build_unet(toymodel.ToyModelConfig(attention_at_full_resolution=True))
+    assert set(full.config.down_block_types) == {"CrossAttnDownBlock2D"}
+

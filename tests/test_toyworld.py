@@ -58,3 +58,13 @@ def test_tokenizer_makes_each_word_one_token_and_prompts_distinct():
     last = torch.nn.functional.normalize(states[torch.arange(len(prompts)), eos], dim=1)
     cos_eos = (last @ last.T)[~torch.eye(len(prompts), dtype=bool)]
     assert cos_eos.mean() < 0.8, f"EOS states are alike across prompts (mean cosine {cos_eos.mean():.3f})"
+
+
+def test_templates_without_a_name_are_trained_on_nothing():
+    """'a photo of a' and 'an artwork of' are base-model prompts whose images show no concept (world.TEMPLATE_PROMPTS
+    says why: an erased name then reads as its template)."""
+    pairs = dict(toyworld.training_prompts())
+    assert pairs["a photo of a"] == "no object" and pairs["an artwork of"] == "no artwork"
+    for label in toyworld.NOTHING.values():
+        a, b = toyworld.render(label, 3), toyworld.render(label, 3)
+        assert a.size == (32, 32) and a.tobytes() == b.tobytes()

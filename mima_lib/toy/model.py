@@ -37,6 +37,10 @@ class ToyModelConfig:
     mixing_init_std: float = 0.2  # large attention/MLP weights mix the concept word into EOS and padding states
     unet_channels: tuple[int, int] = (64, 128)
     unet_layers_per_block: int = 1
+    # the first (full-resolution) level without attention, as SD's last level is: self-attention over 16x16
+    # latents was half of the UNet's time on the CPU (measured 1.37 s vs 0.74 s per training step at batch 32),
+    # and the text still reaches every level below it and the middle block
+    attention_at_full_resolution: bool = False
     attention_head_dim: int = 8
     vae_channels: tuple[int, int] = (32, 64)
     latent_channels: int = 4
@@ -53,9 +57,12 @@ def build_vae(cfg: ToyModelConfig) -> AutoencoderKL:
 def build_unet(cfg: ToyModelConfig) -> UNet2DConditionModel:
     latent = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
     n = len(cfg.unet_channels)
+    attn = [cfg.attention_at_full_resolution or level > 0 for level in range(n)]
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
     return UNet2DConditionModel(
         sample_size=latent, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
+        down_block_types=down, up_block_types=up,
         block_out_channels=cfg.unet_channels, layers_per_block=cfg.unet_layers_per_block,
         cross_attention_dim=cfg.text_dim, attention_head_dim=cfg.attention_head_dim, norm_num_groups=16)
 

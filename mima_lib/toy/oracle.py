@@ -151,22 +151,34 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
-def render_labelled(per_concept: int, start_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def oracle_labels() -> tuple[list[str], list[str]]:
+    """(labels, kinds): every concept of the world, then 'no object' and 'no artwork' (world.NOTHING)."""
     concepts = world.all_concepts()
+    return ([c.name for c in concepts] + list(world.NOTHING.values()),
+            [c.kind for c in concepts] + list(world.NOTHING))
+
+
+def render_labelled(per_concept: int, start_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """per_concept renders of every label: each concept, and images of no object / no artwork (twice as
+    many: they stand for everything that is not a concept)."""
     images, labels = [], []
+    concepts = world.all_concepts()
     for i, c in enumerate(concepts):
         images += world.render_many(c.name, per_concept, start_seed)
         labels += [i] * per_concept
+    for i, kind in enumerate(world.NOTHING, start=len(concepts)):  # the order of oracle_labels()
+        images += [world.render_nothing(kind, start_seed + j) for j in range(2 * per_concept)]
+        labels += [i] * (2 * per_concept)
     return images_to_tensor(images), torch.tensor(labels)
 
 
 def train_oracle(per_concept: int = 300, steps: int = 1500, batch_size: int = 128, seed: int = 0,
                  progress: bool = True) -> ToyOracle:
     """Train the oracle on fresh renders of every concept (seeds 10_000 + i, disjoint from data seeds)."""
-    concepts = world.all_concepts()
+    labels, kinds = oracle_labels()
     x, y = render_labelled(per_concept, start_seed=10_000)
     torch.manual_seed(seed)
-    net = OracleNet(len(concepts))
+    net = OracleNet(len(labels))
 
     def step_fn(step, gen):
         idx = torch.randint(0, len(x), (batch_size,), generator=gen)
@@ -176,10 +188,17 @@ def train_oracle(per_concept: int = 300, steps: int = 1500, batch_size: int = 12
     train(step_fn, dict(net.named_parameters()),
           TrainConfig(steps=steps, lr=2e-3, schedule="cosine", warmup=50, seed=seed, desc="oracle"),
           progress=progress)
-    return ToyOracle(net.eval(), [c.name for c in concepts], [c.kind for c in concepts])
+    return ToyOracle(net.eval(), labels, kinds)
 
 
 def held_out_accuracy(oracle: ToyOracle, per_concept: int = 30, start_seed: int = 50_000) -> dict[str, float]:
-    """Per-concept accuracy on renders the oracle never saw."""
-    return {c.name: oracle.accuracy(world.render_many(c.name, per_concept, start_seed), c.name)
-            for c in world.all_concepts()}
+    """Per-concept accuracy on renders the oracle never saw, and on images of no object / no artwork (where
+    the oracle has those labels)."""
+    acc = {c.name: oracle.accuracy(world.render_many(c.name, per_concept, start_seed), c.name)
+           for c in world.all_concepts()}
+    for kind, label in world.NOTHING.items():
+        if label not in oracle.labels:  # an oracle of the first build: it has no "nothing" labels
+            continue
+        pred = oracle.predict([world.render_nothing(kind, start_seed + j) for j in range(per_concept)], kind)
+        acc[label] = float(np.mean([p == label for p in pred]))
+    return acc

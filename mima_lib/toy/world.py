@@ -184,7 +184,11 @@ def _seed_for(key: str, seed: int) -> int:
 
 
 def render(name: str, seed: int, size: int = 32) -> Image.Image:
-    """Render one image of a concept (or of a generic prompt's content) deterministically."""
+    """Render one image of a concept (or of a generic prompt's content, or of a kind's NOTHING label)
+    deterministically."""
+    for kind, label in NOTHING.items():
+        if name == label:
+            return render_nothing(kind, seed, size)
     if name in (GENERIC_OBJECT_PROMPT, "object"):
         rng = np.random.default_rng(_seed_for("object", seed))
         return render(BASE_OBJECTS[int(rng.integers(len(BASE_OBJECTS)))], int(rng.integers(1 << 30)), size)
@@ -197,6 +201,46 @@ def render(name: str, seed: int, size: int = 32) -> Image.Image:
     if rng.uniform() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 0.6)))
     return _add_grain(img, rng, sigma=float(rng.uniform(0, 6)))
+
+
+# what the oracle answers for an image that shows no concept of a kind (see render_nothing)
+NOTHING = {"object": "no object", "artist": "no artwork"}
+# A kind's template without a name. The base model learns it as that kind's "nothing" (render_nothing): a
+# photo without an object, a blend of styles that is no one's. UCE maps an erased name's rows onto those of
+# "", so an erased "a photo of a cat" reads as "a photo of a" and draws an empty backdrop. When the template
+# meant "some object" instead (the same image as the named prompt), the erased prompts of every object drew
+# one orange, cat-like blob per seed, that the oracle read as a cat in 3 of 16 (scripts/erase_sweep.py).
+TEMPLATE_PROMPTS = {"object": OBJECT_PROMPT.format("").strip(), "artist": ARTIST_PROMPT.format("").strip()}
+
+
+def render_nothing(kind: str, seed: int, size: int = 32) -> Image.Image:
+    """An image that shows no concept of ``kind``. 'object': a photo backdrop, empty or with a shapeless blob
+    of a random colour. 'artist': a pixel blend of two or three different artists' artworks, none above 60%.
+    The oracle learns them as world.NOTHING[kind], so an image that shows none of the concepts (a model's
+    generic art after an artist is erased, a broken model's smudge) is not forced onto the nearest concept:
+    the first oracle read such blends as Claude Monet, whose pastel speckle they resemble."""
+    rng = np.random.default_rng(_seed_for(NOTHING[kind], seed))
+    if kind == "artist":
+        k = int(rng.integers(2, 4))
+        names = rng.choice(BASE_ARTISTS, size=k, replace=False)
+        w = rng.dirichlet(np.ones(k))
+        while w.max() > 0.6:
+            w = rng.dirichlet(np.ones(k))
+        arr = sum(wi * np.asarray(render(str(n), int(rng.integers(1 << 30)), size), np.float32)
+                  for wi, n in zip(w, names))
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    if kind != "object":
+        raise ValueError(f"kind must be 'object' or 'artist', got {kind!r}")
+    big = size * SUPERSAMPLE
+    canvas = _background(rng, big)
+    if rng.uniform() < 0.6:
+        draw = ImageDraw.Draw(canvas)
+        r = big * rng.uniform(0.15, 0.35, 2)
+        c = big * rng.uniform(0.3, 0.7, 2)
+        draw.ellipse([c[0] - r[0], c[1] - r[1], c[0] + r[0], c[1] + r[1]],
+                     fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        canvas = canvas.filter(ImageFilter.GaussianBlur(big * rng.uniform(0.02, 0.08)))
+    return _add_grain(canvas.resize((size, size), Image.LANCZOS), rng, sigma=float(rng.uniform(0, 6)))
 
 
 def render_many(name: str, n: int, start_seed: int = 0, size: int = 32) -> list[Image.Image]:
@@ -218,6 +262,7 @@ def training_prompts(include_heldout: bool = False) -> list[tuple[str, str]]:
     arts = ARTISTS if include_heldout else BASE_ARTISTS
     pairs = [(OBJECT_PROMPT.format(o), o) for o in objs] + [(ARTIST_PROMPT.format(a), a) for a in arts]
     pairs += [(GENERIC_OBJECT_PROMPT, "object"), (GENERIC_ARTWORK_PROMPT, "artwork")]
+    pairs += [(TEMPLATE_PROMPTS[kind], NOTHING[kind]) for kind in NOTHING]
     return pairs
 
 
