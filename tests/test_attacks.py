@@ -278,10 +278,12 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def world():
-    """The trained toy model with 'cat' erased by UCE (toward the generic object prompt, other objects
-    preserved), and the oracle. Shared by the module: attacks work on copies."""
+    """The trained toy model with 'cat' erased by UCE as the erasure stage erases it (the bare name toward "",
+    keeping "" and every other base concept), and the oracle. Shared by the module: attacks work on copies."""
     from types import SimpleNamespace
 
+    from mima_lib.experiment.config import ExperimentConfig
+    from mima_lib.experiment.stages.erasure import uce_arguments
     from mima_lib.method.erase import erase_concepts
     from mima_lib.toy.model import load_toy_pipeline
     from mima_lib.toy.oracle import load_toy_oracle
@@ -289,8 +291,7 @@ def world():
     torch.set_num_threads(1)
     base = load_toy_pipeline()
     erased = copy_pipeline(base)
-    others = [toyworld.OBJECT_PROMPT.format(o) for o in toyworld.BASE_OBJECTS if o != "cat"]
-    erase_concepts(erased, [CAT], [toyworld.GENERIC_OBJECT_PROMPT], others, lam=0.5)
+    erase_concepts(erased, **uce_arguments(ExperimentConfig(concepts=["cat"])))
     return SimpleNamespace(base=base, erased=erased, oracle=load_toy_oracle())
 
 
