@@ -26,6 +26,7 @@ _API = {
     "load_concept_folder": "attacks.data", "write_concept_folder": "attacks.data",
     "make_extractor": "evaluation.features", "sgr_table": "evaluation.metrics", "msgr": "evaluation.metrics",
     "sgr": "evaluation.metrics", "confidence_interval": "evaluation.metrics", "image_grid": "evaluation.plots",
+    "paired_difference": "evaluation.metrics", "steps_to_relearn": "evaluation.metrics",
     "load_toy_pipeline": "toy.model", "load_toy_oracle": "toy.oracle",
     "load_experiment": "experiment.loading", "run_sequence": "experiment.run",
 }

@@ -82,6 +82,29 @@ def test_confidence_interval_is_student_t():
     assert math.isnan(ev.confidence_interval([5.0])[1])
 
 
+def test_paired_difference_pairs_by_seed_and_has_the_right_sign():
+    """Seeds move MIMA and the baseline alike (a hard draw is hard for both): the paired interval sees the
+    constant gap of 0.1 with no width, the unpaired intervals overlap."""
+    base = {0: 0.2, 1: 0.5, 2: 0.8}
+    mima = {s: v + 0.1 for s, v in base.items()}
+    mean, half = ev.paired_difference(mima, base)
+    assert mean == pytest.approx(0.1) and half == pytest.approx(0.0, abs=1e-12)
+    assert ev.confidence_interval(mima.values())[1] > 0.5  # unpaired: far too wide to tell them apart
+    mean, half = ev.paired_difference({0: 0.3, 1: 0.1, 2: 0.2}, {0: 0.4, 1: 0.4, 2: 0.4})
+    assert mean == pytest.approx(-0.2) and half == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
+    with pytest.raises(ValueError, match="seeds differ"):
+        ev.paired_difference({0: 1.0, 1: 1.0}, {0: 1.0, 2: 1.0})
+
+
+def test_steps_to_relearn_on_synthetic_curves():
+    assert ev.steps_to_relearn({0: 0.0, 20: 0.3, 40: 0.6, 60: 0.9}) == 40  # reaching the threshold counts
+    assert ev.steps_to_relearn({60: 0.9, 0: 0.7, 20: 0.1}) == 0  # unordered snapshots: the earliest step
+    assert ev.steps_to_relearn({0: 0.1, 40: 0.59, 400: 0.5}) is None  # protection held to the last step
+    assert ev.steps_to_relearn({0: 0.1, 40: 0.5}, threshold=0.5) == 40
+    with pytest.raises(ValueError, match="empty"):
+        ev.steps_to_relearn({})
+
+
 def test_sgr_table_msgr_and_ci_over_seeds():
     runs = {s: {"no defense": {"cat": {0: 0.8, 5: 0.9}, "dog": {0: 0.8, 5: 0.8}},
                 "MIMA": {"cat": {0: 0.8, 5: 0.9 * (0.5 + 0.1 * s)}, "dog": {0: 0.8, 5: 0.8 * 0.9}}}

@@ -86,6 +86,23 @@ def confidence_interval(values: Sequence[float], level: float = 0.95) -> tuple[f
     return mean, float(stats.t.ppf(0.5 + level / 2, x.size - 1) * sem)
 
 
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float], level: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width) of a - b paired by seed: the interval of the per-seed differences, narrower than
+    the two methods' own intervals when the seeds move both alike (a hard data draw is hard for every
+    method). Both must hold the same seeds."""
+    if set(a) != set(b):
+        raise ValueError(f"paired_difference: seeds differ ({sorted(a)} vs {sorted(b)}); pair the same seeds")
+    return confidence_interval([a[s] - b[s] for s in sorted(a)], level)
+
+
+def steps_to_relearn(curve: Mapping[int, float], threshold: float = 0.6) -> int | None:
+    """The first snapshot step at which a target's accuracy reaches ``threshold`` (None: not within the
+    curve's last step). It tells protection that holds from protection that only delays the attacker."""
+    if not curve:
+        raise ValueError("steps_to_relearn: empty curve")
+    return next((step for step in sorted(curve) if curve[step] >= threshold), None)
+
+
 def _seed_list(curves_by_seed) -> list[Curves]:
     runs = list(curves_by_seed.values()) if isinstance(curves_by_seed, Mapping) else list(curves_by_seed)
     if not runs:
