@@ -83,11 +83,29 @@ class EvaluateConfig:
 
 
 @dataclass
+class GridSection:
+    """The seed grid (mima_lib.experiment.grid): which step the paper's table reads, the stronger attackers,
+    and the re-learning threshold. Each attack of attack.methods is one cell per seed; so is each variant."""
+    report_step: int = field(default=40, metadata={"min": 1})  # the paper's tables: step 40 for every attack
+    long_step: int | None = field(default=None, metadata={"min": 1})  # LoRA's long step; None: its last snapshot
+    # stronger attackers, e.g. lora-lr3x, lora-rank16, dreambooth-lr2x (experiment/variants.py)
+    variants: list[str] = field(default_factory=list)
+    # the variants' horizon (their attack's snapshot steps up to it); None: as long as the attack they strengthen
+    variant_steps: int | None = field(default=None, metadata={"min": 1})
+    # the harmless fine-tune's horizon (LoRA on evaluate.benign_concepts); None: the file's LoRA steps
+    benign_steps: int | None = field(default=None, metadata={"min": 1})
+    relearn_threshold: float = field(default=0.6, metadata={"min": 0.0, "max": 1.0})  # steps to re-learn
+
+
+@dataclass
 class ExperimentConfig:
     experiment: str = "toy-default"
     model: str = "toy"
     device: str = "auto"
     seed: int = 0
+    # the whole pipeline (data draws, immunization, attacks) once per seed, each in its own run folder
+    # (python -m mima_lib.experiment.grid); None: the single seed above
+    seeds: list[int] | None = None
     task: str = field(default="relearning", metadata={"choices": ("relearning", "personalization")})
     concepts: list[str] = field(default_factory=lambda: ["van gogh", "claude monet", "cat", "umbrella"])
     # concepts the toy world does not know (every concept of a real model): kind and prompts (concepts.py)
@@ -98,6 +116,7 @@ class ExperimentConfig:
     immunize: ImmunizeSection = field(default_factory=ImmunizeSection)
     attack: AttackSection = field(default_factory=AttackSection)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    grid: GridSection = field(default_factory=GridSection)
 
     @property
     def is_toy(self) -> bool:

@@ -56,13 +56,16 @@ def _concept_images(cfg: ExperimentConfig, pipe, name: str, k: int) -> dict:
         return {"immunize": loaded[:d.immunization_images], "attack": loaded[d.immunization_images:need],
                 "reference": loaded[d.immunization_images:need]}
     # personalization: new concepts, the renderer is the only source; toy source 'render': the attacker's
-    # real photos (and the defender's) are renders, disjoint seeds
-    if cfg.task == "personalization" or (concept.toy and d.source == "render"):
+    # real photos (and the defender's) are renders, disjoint seeds, drawn anew for each experiment seed; a
+    # harmless fine-tune's concept is one the base model never saw: its images are renders too
+    benign = name in cfg.evaluate.benign_concepts
+    if cfg.task == "personalization" or (concept.toy and (d.source == "render" or benign)):
         from ...toy import world
 
-        return {"immunize": world.render_many(name, d.immunization_images, 40_000),
-                "attack": world.render_many(name, d.attack_images, 20_000),
-                "reference": world.render_many(name, d.reference_images, 30_000)}
+        draw = 100_000 * cfg.seed
+        return {"immunize": world.render_many(name, d.immunization_images, 40_000 + draw),
+                "attack": world.render_many(name, d.attack_images, 20_000 + draw),
+                "reference": world.render_many(name, d.reference_images, 30_000 + draw)}
     base = 1_000_000 + 10_000 * k + cfg.seed * 1000  # disjoint generation seeds per concept
     n_imm, n_att = d.immunization_images, d.attack_images
     ims = tensor_to_images(generate(pipe, [prompt] * (n_imm + n_att), list(range(base, base + n_imm + n_att)),
@@ -140,7 +143,8 @@ def make_data(cfg: ExperimentConfig, run_dir: Path, force: bool = False) -> Data
                 skipped.append(key)
                 continue
             n = cfg.data.regularization_images // len(prompts)
-            seeds = list(range(2_000_000 + 10_000 * j, 2_000_000 + 10_000 * j + n))
+            first = 2_000_000 + 10_000 * j + 1_000_000 * cfg.seed  # a new draw per experiment seed
+            seeds = list(range(first, first + n))
             if n and pipe is None:
                 log("generating regularization data with the base model")
                 pipe = base_pipeline(cfg)
