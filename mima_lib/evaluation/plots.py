@@ -166,3 +166,99 @@ def write_report(folder, name: str, rows: list[dict], snapshots: dict | None = N
         method_step_grid(runs, index=index, path=path)
         written.append(path)
     return written
+
+
+# ---------------------------------------------------------------- notebook pictures
+def labelled_grid(images, row_labels: list[str], col_labels: list[str], cell: int = 96, path=None) -> Image.Image:
+    """A rows x cols grid (row-major images) with a label on every row and a title on every column."""
+    if isinstance(images, torch.Tensor):
+        images = tensor_to_images(images)
+    rows, cols = len(row_labels), len(col_labels)
+    if len(images) < rows * cols:
+        raise ValueError(f"labelled_grid: {len(images)} images for {rows} x {cols} cells")
+    grid = image_grid(images, rows, cols, labels=list(row_labels), cell=cell)
+    size, scale = cell_size(images[0].size[0], None, cell)
+    return _with_header(grid, list(col_labels), size * scale, path)
+
+
+def plot_lines(panels: dict, xlabel: str, ylabel: str, title: str | None = None, ncols: int = 3,
+               percent: bool = False, path=None) -> Figure:
+    """One panel per key of ``panels`` = {panel title: {line label: {x: y}}}; a legend in each panel."""
+    if not panels:
+        raise ValueError("plot_lines: no panels")
+    ncols = min(ncols, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(3.8 * ncols, 2.9 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax, (name, lines) in zip(axes.flat, panels.items()):
+        for label, pts in lines.items():
+            xs = sorted(pts)
+            ax.plot(xs, [100 * pts[x] if percent else pts[x] for x in xs], marker="o" if len(xs) < 15 else None,
+                    ms=3, label=label)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel + (" (%)" if percent else ""), fontsize=8)
+        if percent:
+            ax.set_ylim(-5, 105)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_bars(groups: dict, ylabel: str, title: str | None = None, percent: bool = False, log: bool = False,
+              path=None) -> Figure:
+    """Grouped bars: ``groups`` = {group on the x axis: {bar label: value}}, e.g. {concept: {'before': a,
+    'after': b}}; each bar carries its value. ``log``: a log-scale axis (for errors of very different sizes)."""
+    if not groups:
+        raise ValueError("plot_bars: no groups")
+    labels = list(dict.fromkeys(k for bars in groups.values() for k in bars))
+    fig = Figure(figsize=(max(4.0, 1.1 * len(groups) * len(labels) ** 0.5 + 1.5), 3.0))
+    ax = fig.subplots()
+    width = 0.8 / len(labels)
+    for j, label in enumerate(labels):
+        xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(groups))]
+        vals = [groups[g].get(label, float("nan")) * (100 if percent else 1) for g in groups]
+        bars = ax.bar(xs, vals, width, label=label)
+        ax.bar_label(bars, fmt="%.1f" if percent else "%.3g", fontsize=7)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
+    ax.set_ylabel(ylabel + (" (%)" if percent else ""), fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def png_bytes(item) -> bytes:
+    """PNG bytes of a PIL image or a matplotlib Figure."""
+    import io
+
+    buf = io.BytesIO()
+    if isinstance(item, Image.Image):
+        item.save(buf, format="PNG")
+    elif hasattr(item, "savefig"):
+        item.savefig(buf, format="png", dpi=110)
+    else:
+        raise TypeError(f"png_bytes: a PIL image or a Figure, got {type(item).__name__}")
+    return buf.getvalue()
+
+
+def show(*items) -> None:
+    """Display pictures inline as PNG (a Figure made without pyplot has no inline form of its own)."""
+    from IPython.display import Image as IPImage, display
+
+    for item in items:
+        display(IPImage(data=png_bytes(item), format="png"))

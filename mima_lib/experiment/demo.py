@@ -7,10 +7,11 @@ two attacks comparable image by image.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from ..attacks import run_attack
-from ..evaluation.plots import image_grid
+from ..evaluation.plots import image_grid, labelled_grid, plot_lines
 from ..method.diffusion import generate, tensor_to_images
 from ..method.erase import erase_concepts
 from ..method.immunize import ImmunizeConfig, immunize
@@ -30,6 +31,7 @@ class DemoResult:
     no_defense: dict = field(default_factory=dict)  # concept -> {step: images}
     immunized: dict = field(default_factory=dict)
     accuracy: dict = field(default_factory=dict)  # (which, concept, step) -> oracle accuracy
+    seconds: dict = field(default_factory=dict)  # phase -> wall seconds (erase, immunize, attack, total)
 
 
 def erased_pipeline(concepts: list[str]):
@@ -39,20 +41,28 @@ def erased_pipeline(concepts: list[str]):
     return pipe
 
 
-def run_demo(concepts: list[str], method: str = "mima", immunize_steps: int = 20, attack_steps: int = 60,
+def run_demo(concepts: list[str], method: str = "mima", immunize_steps: int = 10, attack_steps: int = 40,
              n_images: int = 4, snapshot_every: int = 20, progress: bool = True) -> DemoResult:
-    """Erase, immunize with `method` ('mima', 'imma-joint', 'imma-sequential'), attack, and collect snapshots."""
+    """Erase, immunize with `method` ('mima', 'imma-joint', 'imma-sequential'), attack, and collect snapshots.
+    The defaults are sized for one click of the demo on 2 CPU cores (scripts/time_demo.py measures it)."""
     if not concepts:
         raise ValueError("pick at least one concept")
+    t0 = time.perf_counter()
     steps = list(range(0, attack_steps + 1, snapshot_every))
+    if steps[-1] != attack_steps:
+        steps.append(attack_steps)
     result = DemoResult(list(concepts), method, steps)
     base = erased_pipeline(concepts)
     immunized = erased_pipeline(concepts)
+    result.seconds["erase"] = time.perf_counter() - t0
     data = {c: toy_attack_data(c) for c in concepts}
     train_images = {toyworld.concept(c).prompt: toyworld.render_many(c, 8, 40_000) for c in concepts}
+    t = time.perf_counter()
     immunize(immunized, train_images, None, None,
              ImmunizeConfig.toy(method=method, steps=immunize_steps, prior_weight=0.0),
              reg_captions=word_captions(), progress=progress)
+    result.seconds["immunize"] = time.perf_counter() - t
+    t = time.perf_counter()
     oracle = load_toy_oracle()
     for which, model in (("no defense", base), (method, immunized)):
         store = result.no_defense if which == "no defense" else result.immunized
@@ -64,6 +74,8 @@ def run_demo(concepts: list[str], method: str = "mima", immunize_steps: int = 20
             store[c] = attacked.snapshots
             for s, ims in attacked.snapshots.items():
                 result.accuracy[(which, c, s)] = oracle.accuracy(ims, c)
+    result.seconds["attack"] = time.perf_counter() - t
+    result.seconds["total"] = time.perf_counter() - t0
     return result
 
 
@@ -76,6 +88,24 @@ def side_by_side(result: DemoResult, step: int, scale: int = 4):
         labels.append(f"{c} {a0:.0%}|{a1:.0%}")
     n = len(result.no_defense[result.concepts[0]][step])
     return image_grid(images, len(result.concepts), 2 * n, scale=scale, labels=labels)
+
+
+def before_after(result: DemoResult, step: int | None = None):
+    """Rows: concepts; columns: the attacker's images at ``step`` (default: the last) on the erased model
+    without immunization, then on the immunized one (the same seeds)."""
+    step = result.steps[-1] if step is None else step
+    n = len(result.no_defense[result.concepts[0]][step])
+    images = [im for c in result.concepts
+              for im in tensor_to_images(result.no_defense[c][step]) + tensor_to_images(result.immunized[c][step])]
+    return labelled_grid(images, list(result.concepts),
+                         [f"no defense {k}" for k in range(n)] + [f"{result.method} {k}" for k in range(n)])
+
+
+def attack_curves(result: DemoResult):
+    """One panel per concept: the oracle's accuracy against the LoRA step, with and without immunization."""
+    panels = {c: {which: {s: result.accuracy[(which, c, s)] for s in result.steps}
+                  for which in ("no defense", result.method)} for c in result.concepts}
+    return plot_lines(panels, "LoRA attack step", "oracle accuracy", percent=True, title="is the concept back?")
 
 
 def preview(concepts: list[str], n: int = 4):
@@ -95,4 +125,4 @@ def accuracy_table(result: DemoResult) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["run_demo", "side_by_side", "preview", "accuracy_table", "DemoResult"]
+__all__ = ["run_demo", "side_by_side", "before_after", "attack_curves", "preview", "accuracy_table", "DemoResult"]

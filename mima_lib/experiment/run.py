@@ -14,12 +14,13 @@ forced). On error the runner names the failing notebook and cell and exits 1.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from .dataclass_yaml import ConfigError
+from .progress import LogForwarder
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 SEQUENCE = ["01_data", "02_erasure", "03_immunization", "04_relearning_attack", "05_personalization_attack",
@@ -38,6 +39,25 @@ def stages_for(cfg, only: list[str] | None) -> list[str]:
             raise ConfigError(f"--only {unknown[0]!r} names no notebook; choose from {SEQUENCE}")
         seq = [s for s in seq if any(s.startswith(o) for o in only)]
     return seq
+
+
+def kernel_manager_class(folder: str):
+    """A kernel manager whose kernels talk over IPC sockets in ``folder`` (an absolute path: the kernel runs
+    in notebooks/): local, so ipykernel has no reason to print its warning about TCP without encryption
+    before every notebook, as it does on the default transport (TCP on localhost)."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _transport_default(self):
+            return "ipc"
+
+        @default("ip")
+        def _ip_default(self):
+            return str(Path(folder).resolve() / "kernel")
+
+    return IPCKernelManager
 
 
 def run_sequence(params_file: str | Path, only: list[str] | None = None, force: bool = False,
@@ -66,9 +86,11 @@ def run_sequence(params_file: str | Path, only: list[str] | None = None, force: 
             raise FileNotFoundError(f"notebook {src} is missing; regenerate it with `jupytext --sync notebooks/*.py`")
         t0 = time.time()
         log(f"[{k}/{len(stages)}] {stage} ...")
-        try:
-            pm.execute_notebook(str(src), str(dst), parameters=params, kernel_name="python3", cwd=str(NOTEBOOK_DIR),
-                                progress_bar=False, log_output=False)
+        try:  # the stages' progress lines (timestamped) come through stdout_file as the cells run
+            with tempfile.TemporaryDirectory(prefix="mima-kernel-") as sockets:
+                pm.execute_notebook(str(src), str(dst), parameters=params, kernel_name="python3",
+                                    cwd=str(NOTEBOOK_DIR), progress_bar=False, log_output=False,
+                                    stdout_file=LogForwarder(log), kernel_manager_class=kernel_manager_class(sockets))
         except pm.PapermillExecutionError as err:
             raise RuntimeError(f"notebook {stage} failed in cell {err.exec_count} ({err.ename}: {err.evalue}); "
                                f"the executed notebook with the traceback is {dst}") from None

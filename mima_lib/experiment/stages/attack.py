@@ -15,6 +15,7 @@ from ...evaluation.plots import method_step_grid
 from ...method.tensor_io import atomic_write_text, load_tensors, save_tensors
 from ..artifacts import remove_stale_temporaries, write_manifest
 from ..config import ExperimentConfig, attack_defaults, slug, stage_settings
+from ..progress import Progress
 from .common import log, model_for, models_of, must_run
 from .data import load_data
 
@@ -80,16 +81,23 @@ def jobs(cfg: ExperimentConfig) -> list[tuple[str, str, str, int]]:
     return out
 
 
+def _settings(cfg: ExperimentConfig, method: str, seed: int) -> dict:
+    """What one attack run's manifest records (a change of any of these redoes the run)."""
+    return {**stage_settings(cfg, "erase", "data", "immunize"), "attack": method,
+            "attack_settings": attack_settings(cfg, method, seed), "n_images": cfg.attack.n_images,
+            **sampling(cfg)}
+
+
 def attack(cfg: ExperimentConfig, run_dir: Path, force: bool = False) -> AttackStageResult:
     """Attack every model (no defense + each immunization method) on every concept, with every attack."""
     data = load_data(cfg, run_dir)
     snapshots = {}
+    todo = [job for job in jobs(cfg) if must_run(run_folder(run_dir, *job), _settings(cfg, job[2], job[3]), force)]
+    bar = Progress("attacks done", len(todo), log, every=1)  # one line per finished run, with the ETA
     for model, concept, method, seed in jobs(cfg):
         folder = run_folder(run_dir, model, concept, method, seed)
-        settings = {**stage_settings(cfg, "erase", "data", "immunize"), "attack": method,
-                    "attack_settings": attack_settings(cfg, method, seed), "n_images": cfg.attack.n_images,
-                    **sampling(cfg)}
-        if must_run(folder, settings, force):
+        settings = _settings(cfg, method, seed)
+        if (model, concept, method, seed) in todo:
             log(f"attack {method} (seed {seed}) on {model!r} for {concept!r}")
             remove_stale_temporaries(folder)  # what a killed earlier try left
             pipe = model_for(cfg, run_dir, model)
@@ -102,6 +110,7 @@ def attack(cfg: ExperimentConfig, run_dir: Path, force: bool = False) -> AttackS
             save_tensors({str(k): v for k, v in result.snapshots.items()}, folder / "snapshots.safetensors")
             atomic_write_text(folder / "losses.json", json.dumps({"losses": result.losses, "prompt": prompt}))
             write_manifest(folder, settings, seed)
+            bar.update()
         snaps = load_tensors(folder / "snapshots.safetensors")
         snapshots[(model, concept, method, seed)] = {int(k): v for k, v in snaps.items()}
     return AttackStageResult(cfg, Path(run_dir) / "attacks", snapshots)

@@ -12,6 +12,7 @@ from ...method.immunize import immunize as run_immunize
 from ...method.immunize import save_immunized
 from ..artifacts import remove_stale_temporaries, write_manifest
 from ..config import ExperimentConfig, immunize_config, merge_captions, slug, stage_settings
+from ..progress import Progress
 from .common import log, must_run, starting_pipeline
 from .data import load_data
 
@@ -42,8 +43,11 @@ def immunize(cfg: ExperimentConfig, run_dir: Path, force: bool = False) -> Immun
             log(f"immunizing with {method}")
             remove_stale_temporaries(folder)  # what a killed earlier try left (its checkpoint stays)
             pipe = starting_pipeline(cfg, run_dir)
+            total = icfg.steps * (len(concept_images) if method == "imma-sequential" else 1)
+            bar = Progress(f"immunize {method}, step", total, log)  # a line per tenth of the steps, with ETA
             result = run_immunize(pipe, concept_images, reg or None, None, icfg,
-                                  checkpoint_dir=folder / "checkpoint", reg_captions=merge_captions(cfg))
+                                  checkpoint_dir=folder / "checkpoint", reg_captions=merge_captions(cfg),
+                                  on_step=bar.update)
             save_immunized(result, folder)
             (folder / "losses.json").write_text(json.dumps({"losses": result.losses, "extras": result.extras}))
             write_manifest(folder, settings, icfg.seed)
