@@ -200,6 +200,8 @@ def plot_lines(panels: dict, xlabel: str, ylabel: str, title: str | None = None,
         ax.set_ylabel(ylabel + (" (%)" if percent else ""), fontsize=8)
         if percent:
             ax.set_ylim(-5, 105)
+        else:
+            ax.ticklabel_format(axis="y", useOffset=False)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
