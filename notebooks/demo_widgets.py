@@ -30,8 +30,9 @@
 #   the attack step;
 # - **the accuracy table**: the same numbers.
 #
-# Timing: one click with the default values (one concept, 10 immunization steps, 40 attack steps) is sized for
-# 60 s on 2 CPU cores; each further concept adds two attacks. `python scripts/time_demo.py` measures a click.
+# Timing: one click with the default values (one concept, 10 immunization steps, 40 attack steps) took 62.5
+# CPU-seconds on one torch thread (`python scripts/time_demo.py`), about a minute on an idle core; each further
+# concept adds a share of the immunization and two attacks.
 # Objects re-learn on the toy; artists do not within 100 LoRA steps even without a defence, so pick objects to
 # see the effect. The full protocol, explained step by step, is notebooks 01-06.
 
