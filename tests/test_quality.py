@@ -15,11 +15,13 @@ def test_oracle_recognises_held_out_renders(toy_oracle):
 
 
 def test_generations_are_recognised_reduced_sample(toy_pipe_factory, toy_oracle):
-    # 4 generations per concept (the README's numbers use 16); bars lowered by sampling noise only
+    # issue #14's bar (each concept >= 80%, objects and artists each >= 95%) on 4 generations per concept
+    # instead of 16 (the README's table: 100% everywhere); lowered by sampling noise only
     acc, images = recognition(toy_pipe_factory(), toy_oracle, toyworld.BASE_OBJECTS + toyworld.BASE_ARTISTS, n=4)
     s = summarize(acc)
-    assert s["objects_mean"] >= 0.70, acc  # n=4: one standard error is about 5 points
-    assert s["artists_mean"] >= 0.65, acc
+    assert min(acc.values()) >= 0.75, acc  # at most one of 4 generations missed, for every concept
+    assert s["objects_mean"] >= 0.90, acc
+    assert s["artists_mean"] >= 0.90, acc
 
 
 def test_heldout_concept_is_learnable_with_lora(toy_pipe_factory, toy_oracle):

@@ -97,3 +97,17 @@ def test_toy_unet_has_no_attention_at_full_resolution():
     full = toymodel.build_unet(toymodel.ToyModelConfig(attention_at_full_resolution=True))
     assert set(full.config.down_block_types) == {"CrossAttnDownBlock2D"}
 
+
+
+def test_committed_text_encoder_keeps_concepts_apart_and_names_context_free():
+    """What the text pretraining is for (mima_lib.toy.text): a bare name's states match the templated prompt's
+    (so UCE's reference rows erase what 'a photo of a cat' draws), and the rows a concept owns are nearly
+    orthogonal to every other concept's (so an edit along one concept's rows spares the others)."""
+    from mima_lib.toy.text import text_statistics
+
+    pipe = load_toy_pipeline()
+    s = text_statistics(pipe.tokenizer, pipe.text_encoder)
+    print(s)
+    assert s["bare_vs_templated_aligned"] >= 0.98, s
+    assert s["owned_rows_max_cos_mean"] <= 0.15, s
+    assert s["owned_rows_max_cos_worst"] <= 0.35, s

@@ -40,14 +40,14 @@ class DataConfig:
 @dataclass
 class EraseConfig:
     enabled: bool = True
-    lam: float | None = field(default=None, metadata={"min": 0.0})  # None: erase.PAPER_LAM, or TOY_LAM on the toy
+    lam: float | None = field(default=None, metadata={"min": 0.0})  # None: erase.PAPER_LAM (the toy too)
     guide: str | None = ""  # the reference code's empty prompt; None: each concept's generic prompt
-    # None: the reference code's max(0.1, 1 / number of preserved prompts) (the toy: TOY_ERASE)
+    # None: the reference code's max(0.1, 1 / number of preserved prompts)
     preserve_scale: float | None = field(default=None, metadata={"min": 0.0})
     preserve: list[str] = field(default_factory=list)  # concepts (names) or prompts to keep; toy: all others
     # 'reference': the bare concept text, its last token onward (UCE's code); the others erase the templated
     # prompt (ablations, see method/erase.py)
-    # None: 'reference' (the toy: TOY_ERASE)
+    # None: 'reference'
     token_positions: str | None = field(default=None, metadata={"choices": ("reference", "all", "concept", "eos")})
 
 
@@ -178,28 +178,19 @@ def attack_defaults(cfg: ExperimentConfig) -> str:
     return "toy" if cfg.is_toy else "paper"
 
 
-# The embedded toy model's erasure: its text encoder mixes every token into every later state, so the bare name's
-# states ('cat') differ from the templated prompt's and erasing them leaves 'a photo of a cat' drawn (measured by
-# scripts/erase_sweep.py, targets 69-100% at lam 0.5-8); the templated prompt with its padding is erased instead.
-TOY_ERASE = {"token_positions": "all", "preserve_scale": 1.0}
-
-
 def erase_settings_used(cfg: ExperimentConfig) -> dict:
-    """The erase section's values as the erasure runs them (defaults filled in)."""
-    toy = cfg.is_toy
-    return {"lam": erase_lam(cfg),
-            "token_positions": cfg.erase.token_positions or (TOY_ERASE["token_positions"] if toy else "reference"),
-            "preserve_scale": cfg.erase.preserve_scale if cfg.erase.preserve_scale is not None
-            else (TOY_ERASE["preserve_scale"] if toy else None)}
+    """The erase section's values as the erasure runs them (defaults filled in). The toy erases as UCE's
+    reference code does: its text encoder is pretrained so that a bare name's states match the templated
+    prompt's (mima_lib.toy.text), which the first toy model's did not (it needed lam 8 on every position)."""
+    return {"lam": erase_lam(cfg), "token_positions": cfg.erase.token_positions or "reference",
+            "preserve_scale": cfg.erase.preserve_scale}
 
 
 def erase_lam(cfg: ExperimentConfig) -> float:
-    """The UCE ridge: the file's, else the paper's 0.5 on a real model and the toy's measured value."""
-    from ..method.erase import PAPER_LAM, TOY_LAM
+    """The UCE ridge: the file's, else the reference code's 0.5 (SD v1-4 and the toy alike)."""
+    from ..method.erase import PAPER_LAM
 
-    if cfg.erase.lam is not None:
-        return cfg.erase.lam
-    return TOY_LAM if cfg.is_toy else PAPER_LAM
+    return PAPER_LAM if cfg.erase.lam is None else cfg.erase.lam
 
 
 def immunize_config(cfg: ExperimentConfig, method: str):

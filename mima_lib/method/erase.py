@@ -23,10 +23,6 @@ from .text_tokens import encode_prompt_tokens
 __all__ = ["uce_edit", "align_guide_rows", "erase_concepts"]
 
 PAPER_LAM = 0.5  # UCE's reference ridge for erasing (SD v1-4)
-# The toy text encoder's states are large (its fixed init), so the same ridge is relatively tiny there and the
-# edit spills onto other concepts. Measured on the toy (4 concepts erased, 16 generations, mean drop of 6 other
-# concepts / worst erased target): lam 0.5 -> 10.4 / 19%, 2 -> 8.3 / 19%, 8 -> 4.2 / 19%.
-TOY_LAM = 8.0
 
 _KV_MODULE_RE = re.compile(r"(^|\.)attn2\.to_[kv](\.base_layer)?$")  # base_layer: a peft-wrapped projection
 

@@ -86,6 +86,19 @@ def immunize(pipe, concept_images: dict, reg_images=None, reg_prompt: str | None
     tcfg = TrainConfig(steps=total, lr=cfg.outer_lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
                        clip_grad=cfg.clip_grad, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
                        desc=f"{cfg.method} (order {cfg.order})")
+    step_hook = on_step
+    if cfg.outer_rows == "targets":  # selective: project every K/V update onto the targets' own rows
+        from .merge import is_cross_attention_kv
+        from .selective import project_update, target_row_projector
+
+        P = target_row_projector(pipe, list(prob.prompts), [p for p in prob.reg_prompts if p]).to(unet.device)
+        kv = {k: prob.params[k].detach().clone() for k in prob.outer_names if is_cross_attention_kv(k)}
+
+        def step_hook(step):
+            for k, w0 in kv.items():
+                project_update(prob.params[k], w0, P)
+            if on_step is not None:
+                on_step(step)
     saved_rg = {n: p.requires_grad for n, p in unet.named_parameters()}
     was_training = unet.training
     unet.eval().requires_grad_(False)
@@ -96,7 +109,7 @@ def immunize(pipe, concept_images: dict, reg_images=None, reg_prompt: str | None
             t0 = time.perf_counter()
             out = train(lambda step, gen: bilevel_loss(prob, step, gen, comm),
                         {k: prob.params[k] for k in prob.outer_names}, tcfg, checkpoint_dir=checkpoint_dir,
-                        progress=progress, on_step=on_step)
+                        progress=progress, on_step=step_hook)
             elapsed = time.perf_counter() - t0
     finally:
         for n, p in unet.named_parameters():

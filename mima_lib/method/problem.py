@@ -48,6 +48,9 @@ class ImmunizeConfig:
     # then moves the unconditional prediction, and every guided generation breaks (measured on the toy)
     prior_unconditional: bool = False
     concept_reduction: str = "mean"  # 'mean' | 'sum' of the concepts' upper losses
+    # 'all' (the paper): S_u changes freely; 'targets': the change of cross-attention K/V is kept only along the
+    # text-state rows the targets own, so prompts that share none of them are drawn as before (method/selective.py)
+    outer_rows: str = "all"
     batch_size: int = 1  # images per concept (and per regularization prompt) in each batch
     hflip: bool = False  # add mirrored copies of every image (the reference code flips at random)
     lora_rank: int = 4  # only for inner_params='lora'
@@ -92,6 +95,9 @@ class ImmunizeConfig:
         check_set(self.inner_params, "inner")
         check_set(self.outer_params, "outer")
         for name in ("inner_lr", "outer_lr"):
+            if isinstance(getattr(self, name), str):  # YAML reads 1e-2 (no dot) as a string
+                raise ValueError(f"{name} must be a number, got the string {getattr(self, name)!r}; write it "
+                                 "with a dot, e.g. 1.0e-2 or 0.01")
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.steps < 0 or self.batch_size < 1 or self.lora_rank < 1 or self.prior_weight < 0:
@@ -102,6 +108,10 @@ class ImmunizeConfig:
             raise ValueError(f"diagnose_every must be >= 0, got {self.diagnose_every!r}")
         if self.prior_on not in ("merged", "immunized"):
             raise ValueError(f"prior_on must be 'merged' or 'immunized', got {self.prior_on!r}")
+        if self.outer_rows not in ("all", "targets"):
+            raise ValueError(f"outer_rows must be 'all' (the paper) or 'targets' (selective), got {self.outer_rows!r}")
+        if self.outer_rows == "targets" and self.hypergrad == "hvp":
+            raise ValueError("outer_rows='targets' is implemented for hypergrad='autograd' only")
         if self.concept_reduction not in ("mean", "sum"):
             raise ValueError(f"concept_reduction must be 'mean' or 'sum', got {self.concept_reduction!r}")
         if self.optimizer not in ("adamw", "sgd"):

@@ -6,9 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ...evaluation.metrics import (confidence_interval, markdown_table, paper_table, sgr_table, similarity_curve,
                                   write_table)
-from ...evaluation.plots import write_report
+from ...evaluation.plots import labelled_grid, write_report
 from ...method.diffusion import generate
 from ...method.tensor_io import atomic_write_text
 from ..artifacts import remove_stale_temporaries, write_manifest
@@ -54,10 +56,11 @@ def _accuracy_rows(cfg, res: AttackStageResult, attack: str, concepts: list[str]
     return rows
 
 
-def utility_rows(cfg: ExperimentConfig, run_dir: Path) -> list[dict]:
+def utility_rows(cfg: ExperimentConfig, run_dir: Path, shown: dict | None = None) -> list[dict]:
     """Non-target concepts before vs after immunization, n generations each at fixed seeds: the oracle's
     accuracy on the toy world, and the CLIP score of each generation to its prompt when CLIP is an extractor
-    (the real-model utility)."""
+    (the real-model utility). ``shown``: filled with {model: the first two generations of each concept}, for
+    the utility grid (do the non-targets stay images?)."""
     use_oracle = cfg.is_toy and all(cfg.concept(c).toy for c in cfg.utility_concepts)
     use_clip = "clip" in cfg.evaluate.extractors
     if not cfg.utility_concepts or not (use_oracle or use_clip):
@@ -74,6 +77,8 @@ def utility_rows(cfg: ExperimentConfig, run_dir: Path) -> list[dict]:
         pipe = model_for(cfg, run_dir, model)
         ims = generate(pipe, [p for p in prompts for _ in range(n)], [s for _ in prompts for s in range(n)],
                        **_generation(cfg))
+        if shown is not None:
+            shown[model] = [ims[i * n + k] for i in range(len(prompts)) for k in range(min(2, n))]
         for i, c in enumerate(cfg.utility_concepts):
             row = {"model": model, "concept": c}
             if oracle is not None:
@@ -145,9 +150,15 @@ def report(cfg: ExperimentConfig, run_dir: Path, force: bool = False) -> ReportR
         sections.append(f"## Harmless fine-tuning: LoRA on {', '.join(benign)} at step {last} (SGR near 0 = the "
                         "immunized model still learns new concepts)\n")
         sections += _tables(cfg, rows, last, "higher = fine-tuning works")
-    util = utility_rows(cfg, run_dir)
+    shown: dict = {}
+    util = utility_rows(cfg, run_dir, shown)
     if util:
         write_table(util, folder, "utility")
+        per = len(next(iter(shown.values()))) // len(cfg.utility_concepts)
+        cols = [f"{c} #{k}" for c in cfg.utility_concepts for k in range(per)]
+        labelled_grid(torch.stack([im for m in shown for im in shown[m]]), list(shown), cols,
+                      path=folder / "utility_grid.png")
+        figures.append(folder / "utility_grid.png")
         sections.append("## Utility: non-target concepts after immunization\n\n" + markdown_table(util) + "\n")
     sections.append("## Figures\n\n" + "\n".join(f"![{Path(f).stem}]({Path(f).name})" for f in figures
                                                  if str(f).endswith(".png")) + "\n")
