@@ -13,6 +13,7 @@
 #     name: python3
 # ---
 
+# %%
 
 # %% [markdown]
 # # 05 · The personalization attack: can the model learn a protected *new* concept?
@@ -28,7 +29,7 @@
 # only the new token's embedding $e^*$, with the whole model frozen:
 #
 # $$e^* = rg\min_e \; \mathbb{E}_{x,\epsilon,t}\, ig\lVert \epsilon - \epsilon_	heta(x_t, t, c(e))ig
-Vert^2,$$
+# Vert^2,$$
 #
 # Custom Diffusion learns the token and the cross-attention K/V, and LoRA / DreamBooth learn weights under the
 # prompt with the modifier as plain text. To the immunizer the modifier is plain text too (four CLIP tokens), as
@@ -50,9 +51,7 @@ run_root = "../runs"  # run folders live here (ignored by git)
 force = False  # True: recompute outputs that already exist
 
 # %%
-import json
-
-from mima_lib.evaluation.plots import plot_lines, show
+from mima_lib.evaluation.plots import show
 from mima_lib.experiment import stages
 from mima_lib.experiment.config import run_dir_for
 from mima_lib.experiment.loading import load_experiment
@@ -79,17 +78,9 @@ attacks.summary()
 # concept)` is the share of images whose top-1 label within the concept's kind is the concept.
 
 # %%
-method, seed = cfg.attack.methods[0], cfg.attack.seeds[0]
-runs = attacks.runs(method, seed)  # {model: {concept: {step: images}}}
-if cfg.is_toy:
-    from mima_lib.toy.oracle import load_toy_oracle
-
-    oracle = load_toy_oracle()
-    known = [c for c in cfg.concepts if c in oracle.labels]
-    curves = {c: {m: {s: oracle.accuracy(ims, c) for s, ims in runs[m][c].items()} for m in runs} for c in known}
-    if curves:
-        show(plot_lines(curves, f"{method} step", "oracle accuracy", percent=True,
-                        title=f"{method}, seed {seed}: is the concept back?"))
+curves = stages.show_attack_curves(attacks)
+if curves is not None:
+    show(curves)
 
 # %% [markdown]
 # The attacker's own training loss per step (from each run's `losses.json`): a defence need not raise it. The
@@ -97,18 +88,7 @@ if cfg.is_toy:
 # images, not losses.
 
 # %%
-from mima_lib.experiment.stages.attack import run_folder
-
-def running_mean(xs, w):  # single steps are noisy
-    return {i + 1: sum(xs[max(0, i - w + 1):i + 1]) / min(w, i + 1) for i in range(len(xs))}
-
-
-loss_panels = {}
-for c in cfg.concepts:
-    for m in runs:
-        losses = json.loads((run_folder(run_dir, m, c, method, seed) / "losses.json").read_text())["losses"]
-        loss_panels.setdefault(c, {})[m] = running_mean(losses, max(1, len(losses) // 10))
-show(plot_lines(loss_panels, f"{method} step", "training loss (running mean)"))
+show(stages.show_attack_losses(attacks, run_dir))
 
 # %% [markdown]
 # ## Snapshot grids

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ...attacks import run_attack
 from ...attacks.data import MODIFIER_TOKEN
-from ...evaluation.plots import method_step_grid
+from ...evaluation.plots import method_step_grid, plot_lines
 from ...method.tensor_io import atomic_write_text, load_tensors, save_tensors
 from ..artifacts import remove_stale_temporaries, write_manifest
 from ..config import ExperimentConfig, attack_defaults, slug, stage_settings
@@ -133,3 +133,34 @@ def show_attacks(res: AttackStageResult, concept: str | None = None, index: int 
     method = cfg.attack.methods[0] if concept in cfg.concepts else "lora"  # a benign concept's harmless LoRA
     runs = res.runs(method, cfg.attack.seeds[0], concepts=[concept])
     return method_step_grid({m: per[concept] for m, per in runs.items()}, index=index)
+
+
+def show_attack_curves(res: AttackStageResult):
+    """Oracle accuracy over attack steps, one panel per target and a line per model (the first attack and
+    seed; toy concepts only, None when there are none): is the concept back?"""
+    cfg = res.cfg
+    method, seed = cfg.attack.methods[0], cfg.attack.seeds[0]
+    if not cfg.is_toy:
+        return None
+    from ...toy.oracle import load_toy_oracle
+
+    oracle, runs = load_toy_oracle(), res.runs(method, seed)
+    known = [c for c in cfg.concepts if c in oracle.labels]
+    curves = {c: {m: {s: oracle.accuracy(ims, c) for s, ims in runs[m][c].items()} for m in runs} for c in known}
+    return plot_lines(curves, f"{method} step", "oracle accuracy", percent=True,
+                      title=f"{method}, seed {seed}: is the concept back?") if curves else None
+
+
+def show_attack_losses(res: AttackStageResult, run_dir: Path):
+    """The attacker's training loss per step (each run's losses.json, a running mean over a tenth of the run:
+    single steps are noisy), one panel per target and a line per model, for the first attack and seed."""
+    cfg = res.cfg
+    method, seed = cfg.attack.methods[0], cfg.attack.seeds[0]
+    panels = {}
+    for c in cfg.concepts:
+        for m in res.runs(method, seed):
+            xs = json.loads((run_folder(run_dir, m, c, method, seed) / "losses.json").read_text())["losses"]
+            w = max(1, len(xs) // 10)
+            panels.setdefault(c, {})[m] = {i + 1: sum(xs[max(0, i - w + 1):i + 1]) / min(w, i + 1)
+                                           for i in range(len(xs))}
+    return plot_lines(panels, f"{method} step", "training loss (running mean)")

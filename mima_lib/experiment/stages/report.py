@@ -56,11 +56,14 @@ def _accuracy_rows(cfg, res: AttackStageResult, attack: str, concepts: list[str]
     return rows
 
 
+SHOWN = 2  # generations per non-target concept in the utility grid
+
+
 def utility_rows(cfg: ExperimentConfig, run_dir: Path, shown: dict | None = None) -> list[dict]:
     """Non-target concepts before vs after immunization, n generations each at fixed seeds: the oracle's
     accuracy on the toy world, and the CLIP score of each generation to its prompt when CLIP is an extractor
-    (the real-model utility). ``shown``: filled with {model: the first two generations of each concept}, for
-    the utility grid (do the non-targets stay images?)."""
+    (the real-model utility). ``shown``: filled with {model: the first SHOWN generations of each concept},
+    for the utility grid (do the non-targets stay images?)."""
     use_oracle = cfg.is_toy and all(cfg.concept(c).toy for c in cfg.utility_concepts)
     use_clip = "clip" in cfg.evaluate.extractors
     if not cfg.utility_concepts or not (use_oracle or use_clip):
@@ -78,7 +81,7 @@ def utility_rows(cfg: ExperimentConfig, run_dir: Path, shown: dict | None = None
         ims = generate(pipe, [p for p in prompts for _ in range(n)], [s for _ in prompts for s in range(n)],
                        **_generation(cfg))
         if shown is not None:
-            shown[model] = [ims[i * n + k] for i in range(len(prompts)) for k in range(min(2, n))]
+            shown[model] = [ims[i * n + k] for i in range(len(prompts)) for k in range(min(SHOWN, n))]
         for i, c in enumerate(cfg.utility_concepts):
             row = {"model": model, "concept": c}
             if oracle is not None:
@@ -154,8 +157,7 @@ def report(cfg: ExperimentConfig, run_dir: Path, force: bool = False) -> ReportR
     util = utility_rows(cfg, run_dir, shown)
     if util:
         write_table(util, folder, "utility")
-        per = len(next(iter(shown.values()))) // len(cfg.utility_concepts)
-        cols = [f"{c} #{k}" for c in cfg.utility_concepts for k in range(per)]
+        cols = [f"{c} #{k}" for c in cfg.utility_concepts for k in range(min(SHOWN, cfg.evaluate.utility_images))]
         labelled_grid(torch.stack([im for m in shown for im in shown[m]]), list(shown), cols,
                       path=folder / "utility_grid.png")
         figures.append(folder / "utility_grid.png")
