@@ -13,6 +13,7 @@
 #     name: python3
 # ---
 
+# %%
 
 # %% [markdown]
 # # 02 · Erasure: remove the concepts with UCE's closed form
@@ -102,7 +103,8 @@ W0 = pipe.unet.get_submodule(layer).weight.detach()
 with torch.no_grad():
     c = encode_prompt_tokens(pipe, prompt)[0][1:]  # erase rows c_i: after BOS, to EOS
     g = align_guide_rows(c, encode_prompt_tokens(pipe, guide)[0][1:])  # guide rows g_i
-    cp = torch.cat([t[1:] for t in encode_prompt_tokens(pipe, keep)])  # preserve rows c_j
+    # preserve rows c_j (none when the parameter file preserves nothing, as the SD v1-4 files do)
+    cp = torch.cat([t[1:] for t in encode_prompt_tokens(pipe, keep)]) if keep else c.new_zeros(0, c.shape[1])
 s = uce["preserve_scale"] if uce.get("preserve_scale") is not None else max(0.1, 1 / max(1, len(keep)))
 W = uce_edit(W0, c, g, cp, lam=erase_lam(cfg), preserve_scale=s)
 print(f"layer {layer}: W0 is {tuple(W0.shape)}; erase {prompt!r} toward {guide!r}; {len(keep)} preserved "
@@ -118,8 +120,11 @@ tokens = pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer(prompt).input_ids)[
 dist = {f"{i}:{t.replace('</w>', '')}": {
     "before (W0)": float((W0 @ c[i] - W0 @ g[i]).norm() / (W0 @ g[i]).norm()),
     "after (W)": float((W @ c[i] - W0 @ g[i]).norm() / (W0 @ g[i]).norm())} for i, t in enumerate(tokens)}
-kept = ((cp @ W.T - cp @ W0.T).norm(dim=1) / (cp @ W0.T).norm(dim=1))
-print(f"preserved rows moved by {kept.mean():.1%} on average (max {kept.max():.1%})")
+if len(cp):
+    kept = ((cp @ W.T - cp @ W0.T).norm(dim=1) / (cp @ W0.T).norm(dim=1))
+    print(f"preserved rows moved by {kept.mean():.1%} on average (max {kept.max():.1%})")
+else:
+    print("no preserved prompts: lam alone keeps W near W0")
 show(plot_bars(dist, "distance to the guide's output", title=f"{prompt!r} -> {guide!r}: one value projection",
                percent=True))
 

@@ -13,6 +13,7 @@
 #     name: python3
 # ---
 
+# %%
 
 # %% [markdown]
 # # 03 · Immunization: MIMA's bi-level step, unrolled, then run
@@ -88,8 +89,11 @@
 #
 # **What this project does differently, and why** (toy defaults, `ImmunizeConfig.toy`): $S_l$ = all of
 # cross-attention and $S_u$ = its K/V only (ascending all of attn2 damaged an untargeted artist five times as much),
-# the prior on the immunized weights with weight 3-5 (with the reference's 1.0 on $\theta^*$ the untargeted
-# concepts lost as much as the targets), 30 outer steps instead of 500.
+# the prior on the immunized weights with weight 3 (with the reference's 1.0 on $\theta^*$ the untargeted
+# concepts lost as much as the targets), 45 outer steps instead of 500 at AdamW lr $10^{-2}$, and
+# `outer_rows: targets` (`mima_lib.method.selective`): each K/V update is projected onto the text-state rows the
+# targets own, $W \leftarrow W_0 + (W - W_0)P$, so the empty prompt (classifier-free guidance's unconditional
+# branch) and the shared "a photo of a" prefix are read exactly as before, and other prompts nearly so.
 #
 # **What to look at.** Below, one iteration by hand: the inner steps' size, the merge's constraint residual
 # (zero to rounding for the merged weights, not for a plain average), the upper loss, and the exact

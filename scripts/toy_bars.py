@@ -10,7 +10,8 @@ Every part runs papermill_params/default.yaml's settings with these overrides, s
 - relearn: UCE on the targets (each <= 20% after; every other base concept within 10 points of the base
   model), then each of the four attacks at its toy default budget on the erased model, with no defense
   (each target >= 70% at its best snapshot);
-- immunize: MIMA on the targets, then the LoRA attack (mean target accuracy <= 30% at the report step; every
+- immunize: MIMA on the targets, then the LoRA attack (mean target accuracy <= 30% at the report step, the
+  paper's 40, also printed at the last step; every
   non-target outside the prior within 10 points of the erased model; a harmless LoRA on the held-out "boat"
   >= 60% on the immunized model).
 Run folders go to runs/toy_bars/<part>; one JSON line per part is printed and written to --json.
@@ -71,10 +72,12 @@ def _best(res, model: str, concept: str, attack: str, seed: int, oracle) -> dict
                                                                           .items())}
 
 
-def relearn(targets, seed, run_root) -> dict:
+ATTACKS = ["lora", "textual_inversion", "dreambooth", "custom_diffusion"]
+
+
+def relearn(targets, seed, run_root, methods=ATTACKS) -> dict:
     from mima_lib.toy.oracle import load_toy_oracle
 
-    methods = ["lora", "textual_inversion", "dreambooth", "custom_diffusion"]
     cfg, run_dir, _, others = _config("relearn", targets, seed, ["immunize.methods=[]", "immunize.per_method={}", f"attack.methods={methods}",
                                                                   "attack.settings={}", "attack.snapshot_steps=null"],
                                       run_root)
@@ -104,16 +107,19 @@ def immunize(targets, seed, run_root) -> dict:
     res = stages.attack(cfg, run_dir)
     report = stages.report(cfg, run_dir)
     oracle, s = load_toy_oracle(), cfg.attack.seeds[0]
-    last = max(res.snapshots[("mima", targets[0], "lora", s)])
-    acc = {m: {c: oracle.accuracy(res.snapshots[(m, c, "lora", s)][last], c) for c in targets}
-           for m in ("no defense", "mima")}
+    steps = sorted(res.snapshots[("mima", targets[0], "lora", s)])
+    step = cfg.grid.report_step if cfg.grid.report_step in steps else steps[-1]  # the paper's report step
+    curves = {m: {c: _best(res, m, c, "lora", s, oracle) for c in targets} for m in ("no defense", "mima")}
+    acc = {m: {c: curve[step] for c, curve in per.items()} for m, per in curves.items()}
     util = {}
     for row in read_table(report.folder / "utility.csv"):
         util.setdefault(row["concept"], {})[row["model"]] = row["oracle_accuracy"]
     change = {c: v["mima"] - v["no defense"] for c, v in util.items()}
     boat = {m: max(_best(res, m, "boat", "lora", s, oracle).values()) for m in ("no defense", "mima")}
     mean = sum(acc["mima"].values()) / len(targets)
-    return {"report_step": last, "target_accuracy": acc, "mima_mean": mean, "utility_change": change,
+    last_mean = sum(v[steps[-1]] for v in curves["mima"].values()) / len(targets)
+    return {"report_step": step, "target_accuracy": acc, "mima_mean": mean, "curves": curves,
+            f"mima_mean_at_last_step_{steps[-1]}": last_mean, "utility_change": change,
             "prior": prior, "benign_boat_best": boat, "grids": [str(f) for f in report.figures],
             "pass": mean <= 0.3 and max(abs(v) for v in change.values()) <= 0.10 and boat["mima"] >= 0.6}
 
@@ -122,6 +128,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", nargs="+", default=TARGETS)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--attacks", nargs="+", default=ATTACKS, choices=ATTACKS, help="relearn: the attacks to run")
     ap.add_argument("--only", action="append", choices=["quality", "relearn", "immunize"])
     ap.add_argument("--run-root", default=str(ROOT / "runs" / "toy_bars"))
     ap.add_argument("--json", default=None)
@@ -131,7 +138,7 @@ def main(argv=None) -> int:
     out, root = {}, Path(args.run_root)
     for part in args.only or ["quality", "relearn", "immunize"]:
         t0 = time.time()
-        out[part] = quality() if part == "quality" else relearn(args.targets, args.seed, root) if part == "relearn" \
+        out[part] = quality() if part == "quality" else relearn(args.targets, args.seed, root, args.attacks) if part == "relearn" \
             else immunize(args.targets, args.seed, root)
         out[part]["seconds"] = round(time.time() - t0)
         print(json.dumps({part: out[part]}), flush=True)

@@ -226,10 +226,10 @@ HELD_OUT = ["dog", "claude monet", "cup", "katsushika hokusai", "car"]  # traine
 
 @pytest.mark.skipif(not (TOY_MODEL / "model_index.json").exists(), reason="the trained toy model is not built yet")
 def test_mima_raises_merged_attack_loss_on_targets_and_spares_other_concepts(toy_pipe_factory):
-    """Tolerance: the targets' merged simulated-attack loss rises by >= 15% (measured: ~+38% cat, ~+21% van
-    gogh); every untargeted concept's plain loss moves by <= 25% (measured: +5..16%) and on average by less
-    than 60% of the targets' mean rise. The toy noise-prediction loss is mostly prompt-independent (a cat
-    image with the prompt 'a photo of a dog' costs only ~15% more), so perfect specificity is not expected."""
+    """Tolerance: the targets' merged simulated-attack loss rises by >= 15% (measured on v2 with the toy
+    defaults, selective rows, 15 steps: +898% cat, +381% van gogh); every untargeted concept's plain loss moves
+    by <= 25% (measured: -0.1..+12.5%, hokusai the most) and on average by less than 60% of the targets' mean
+    rise. With outer_rows='all' the untargeted losses rose +49..+204%: test_selective.py covers that contrast."""
     pipe = toy_pipe_factory()
     train_data = {toyworld.concept(c).prompt: toyworld.render_many(c, 8) for c in TARGETS}
     evaluation = {toyworld.concept(c).prompt: toyworld.render_many(c, 8, start_seed=1000) for c in TARGETS}

@@ -57,3 +57,12 @@ def test_failing_notebook_is_named(tmp_path):
     bad.write_text(f"experiment: broken\nconcepts: [cat]\ndata: {{image_root: {tmp_path / 'imgs'}}}\n")
     with pytest.raises(RuntimeError, match="notebook 01_data failed in cell .* executed notebook"):
         run_sequence(bad, run_root=tmp_path / "runs", log=lambda m: None)
+
+
+def test_relative_run_root_works_from_any_directory(tmp_path, monkeypatch):
+    """`make demo` passes no run root: the default "runs" is relative to where it is called, while the
+    notebooks run in notebooks/; the effective parameter file they read must still be found."""
+    monkeypatch.chdir(tmp_path)
+    run_dir = run_sequence(PARAMS / "smoke.yaml", only=["01"], log=lambda m: None)
+    assert run_dir.is_absolute() and run_dir == tmp_path / "runs" / "smoke"
+    assert (run_dir / "params.yaml").exists() and (run_dir / "notebooks" / "01_data.ipynb").exists()

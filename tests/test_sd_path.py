@@ -170,7 +170,7 @@ def test_generic_captions_never_name_a_target_and_the_file_is_checked(tmp_path):
     (tmp_path / "caps.txt").write_text("a tree\na dog on a beach\n")
     path.write_text(yaml.safe_dump({"concepts": ["cat"], "data": {"merge_captions": "caps.txt"}}))
     assert merge_captions(load_experiment(path)) == ["a tree", "a dog on a beach"]  # relative to the file
-    assert not captions_naming(merge_captions(load_experiment(PARAMS / "default.yaml")), ["cat", "umbrella", "car"])
+    assert not captions_naming(merge_captions(cfg := load_experiment(PARAMS / "default.yaml")), cfg.concepts)
 
 
 def test_relative_paths_are_read_against_the_parameter_file(tmp_path, monkeypatch):
@@ -207,7 +207,7 @@ def test_the_parameter_file_not_the_image_size_picks_the_defaults(sd_shaped):
     (["attack.settings.lora.stepz=3"], "unknown lora settings \\['stepz'\\]"),
     (["attack.seeds=three"], "attack.seeds: expected a list"),
     (["nonsense"], "write KEY.PATH=VALUE"),
-    (["concepts.cat=1"], "concepts is \\['cat', 'umbrella', 'car'\\], not a mapping"),
+    (["concepts.cat=1"], "concepts is \\['cat', 'umbrella', 'van gogh', 'claude monet'\\], not a mapping"),
 ])
 def test_command_line_overrides_are_validated_like_the_file(sets, match):
     with pytest.raises(ConfigError, match=match):

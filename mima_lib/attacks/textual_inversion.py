@@ -45,8 +45,10 @@ class TextualInversionSettings:
     def toy(cls, **overrides) -> "TextualInversionSettings":
         """Measured on the toy model (erased 'cat', prompt 'a photo of a <new1>'): lr 0.2, batch 4 peaks at
         0.79-0.88 oracle accuracy around step 40-60 for two of three seeds (0.46 for the third); lower lrs
-        (0.05-0.1) stay below 0.5 even after 300 steps."""
-        return replace(cls(lr=2e-1, batch_size=4, steps=60), **overrides)
+        (0.05-0.1) stay below 0.5 even after 300 steps. 100 steps: on the v2 model with three artists erased,
+        claude monet / kelly mckernan reach 0.44 / 0.69 by step 60 and 1.0 / 1.0 by step 80-100 (van gogh
+        0.25: one new token does not re-learn it; scripts/toy_bars.py --only relearn, 16 generations)."""
+        return replace(cls(lr=2e-1, batch_size=4, steps=100, snapshot_steps=(0, 20, 40, 60, 80, 100)), **overrides)
 
 
 def in_vocabulary(tokenizer, token: str) -> bool:

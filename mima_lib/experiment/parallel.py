@@ -44,8 +44,9 @@ def main(argv=None) -> int:
     concepts = {world.concept(c).prompt: world.render_many(c, args.images, size=size) for c in args.concepts}
     reg = {world.GENERIC_OBJECT_PROMPT: world.render_many("object", args.images, size=size),
            world.GENERIC_ARTWORK_PROMPT: world.render_many("artwork", args.images, size=size)}
+    # outer_rows='all': the selective projection is not implemented for the streamed step
     cfg = ImmunizeConfig.toy(steps=args.steps, order=args.order, hypergrad="hvp", hvp_scheme=args.hvp_scheme,
-                             checkpoint_every=5 if args.checkpoint_dir else 0)
+                             outer_rows="all", checkpoint_every=5 if args.checkpoint_dir else 0)
     res = immunize_distributed(pipe, concepts, reg, None, cfg, checkpoint_dir=args.checkpoint_dir,
                                reg_captions=toy_data.word_captions(), accelerator=acc)
     if acc.is_main_process:

@@ -71,7 +71,7 @@ def run_sequence(params_file: str | Path, only: list[str] | None = None, force: 
 
     params_file = Path(params_file).resolve()
     cfg = load_experiment(params_file, overrides)  # everything is checked here, before the first notebook
-    run_dir = run_dir_for(cfg, run_root)
+    run_dir = run_dir_for(cfg, Path(run_root).resolve())  # absolute: the notebooks run in notebooks/
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     effective = run_dir / "params.yaml"

@@ -76,14 +76,21 @@ class ImmunizeConfig:
         """Settings measured on the embedded toy model (tests/test_immunize.py, scripts/demo_immunize.py).
 
         inner_lr=TOY_INNER_LR (Adam-scaled): the simulated attack moves attn2 as far as the SGD step of 1.0
-        did that lowered a concept's loss by ~1% (larger steps overshot). outer_lr=1e-3 (AdamW): 15 steps raise the targets' merged-attack loss by ~20-40%.
+        did that lowered a concept's loss by ~1% (larger steps overshot).
+        outer_lr=1e-2 (AdamW) with outer_rows='targets': on the v2 model, 15 steps on cat + van gogh raise
+        their merged-attack loss by +898% / +381% while five untargeted concepts' plain loss moves by
+        -0.1..+12.5%; with all rows free the same steps raise the untargeted ones by +49..+204%, and 1e-3 (the
+        v1 value) raised the targets by only +6% / +4% (the setting of tests/test_immunize.py's behaviour test).
+        steps=45: after erasing cat + van gogh and a 40-step LoRA attack (tests/test_selectivity.py, 8
+        generations), 30 steps left cat at 75% / van gogh 12%, 45 steps 0% / 12%, untargeted dog and monet
+        unchanged either way; on 6 targets 60 steps lost the untargeted cup (100% -> 0%) where 30 kept it.
         prior_weight=3 on the immunized weights: with the reference's (1.0, on theta*) the loss of
         untargeted concepts rose as much as the targets' (the noise-prediction loss is mostly
         prompt-independent, so ascent first finds generic damage; the prior must outweigh it).
         outer_params='xattn-kv': with the Adam-scaled inner step, ascending all of attn2 (q, k, v, out)
-        raised an untargeted artist's loss by +105% in 15 steps, K/V only by +20% (tests/test_immunize.py)."""
-        base = dict(steps=30, inner_lr=TOY_INNER_LR, outer_lr=1e-3, inner_params="xattn", outer_params="xattn-kv",
-                    batch_size=2, prior_weight=3.0, prior_on="immunized")
+        raised an untargeted artist's loss by +105% in 15 steps (v1), K/V only by +20%."""
+        base = dict(steps=45, inner_lr=TOY_INNER_LR, outer_lr=1e-2, inner_params="xattn", outer_params="xattn-kv",
+                    outer_rows="targets", batch_size=2, prior_weight=3.0, prior_on="immunized")
         return cls(**{**base, **overrides})
 
     def validate(self) -> None:

@@ -1,0 +1,85 @@
+"""Issue #14's selectivity bar on a reduced sample, through the experiment's own stages: UCE erases two
+concepts (an object and an artist), MIMA immunizes the erased model against both with the toy defaults, a
+LoRA attacker then tries to re-learn each; the targets must stay low while an untargeted object and artist
+are drawn as well as by the erased model, and stay images."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from mima_lib.evaluation.metrics import read_table  # noqa: E402
+from mima_lib.experiment import stages  # noqa: E402
+from mima_lib.experiment.config import run_dir_for  # noqa: E402
+from mima_lib.experiment.loading import load_experiment  # noqa: E402
+from mima_lib.toy.model import TOY_MODEL  # noqa: E402
+
+TARGETS = ["cat", "van gogh"]
+OTHERS = ["dog", "claude monet"]  # untargeted, outside the prior: they measure the damage
+N = 8  # generations per cell (issue #14's bars use 16: scripts/toy_bars.py)
+STEP = 40  # the paper's report step
+SAME_IMAGE_COSINE = 0.8
+
+PARAMS = {
+    "experiment": "selectivity-test", "model": "toy", "seed": 0, "task": "relearning",
+    "concepts": TARGETS, "utility_concepts": OTHERS,
+    "data": {"source": "render", "immunization_images": 20, "attack_images": 20, "reference_images": 4,
+             "regularization_images": 48, "regularization_concepts": ["tree", "fish", "pablo picasso"]},
+    "immunize": {"methods": ["mima"]},  # the toy defaults: ImmunizeConfig.toy
+    "attack": {"methods": ["lora"], "settings": {"lora": {"steps": STEP}}, "snapshot_steps": [0, STEP],
+               "n_images": N},
+    "evaluate": {"extractors": ["oracle"], "utility_images": N},
+}
+
+
+@pytest.mark.skipif(not (TOY_MODEL / "model_index.json").exists(), reason="the trained toy model is not built yet")
+def test_mima_on_two_concepts_resists_lora_and_spares_the_others(tmp_path):
+    """Measured (seed 0, one torch thread, 2026-12-04): at LoRA step 40 cat 0% / van gogh 12% on the immunized
+    model against 100% / 88% without immunization (with 30 immunization steps instead of the toy default 45:
+    cat 75%); dog and claude monet 100% on both models; embedding cosine of the untargeted generations,
+    erased vs immunized, lowest 0.89 (claude monet; dog 0.999; a generation against noise: 0.59-0.67).
+    Bounds: the targets' mean <= 30% (issue #14's bar) while the attack re-learns them on the erased model
+    (>= 60% on average); each untargeted concept within 25 points of the erased model (n = 8, half the
+    bar's 16: one image is 12.5 points); every untargeted pair's cosine >= SAME_IMAGE_COSINE."""
+    torch.set_num_threads(1)
+    path = tmp_path / "selectivity.yaml"
+    path.write_text(yaml.safe_dump(PARAMS))
+    cfg = load_experiment(path)
+    run_dir = run_dir_for(cfg, tmp_path / "runs")
+    stages.make_data(cfg, run_dir)
+    stages.erase(cfg, run_dir)
+    stages.immunize(cfg, run_dir)
+    res = stages.attack(cfg, run_dir)
+    report = stages.report(cfg, run_dir)
+
+    from mima_lib.toy.oracle import load_toy_oracle
+
+    oracle = load_toy_oracle()
+    acc = {m: {c: oracle.accuracy(res.snapshots[(m, c, "lora", 0)][STEP], c) for c in TARGETS}
+           for m in ("no defense", "mima")}
+    util = {}
+    for row in read_table(report.folder / "utility.csv"):
+        util.setdefault(row["concept"], {})[row["model"]] = float(row["oracle_accuracy"])
+    print(f"\ntarget accuracy at LoRA step {STEP}: {acc}\nutility: {util}")
+    mean = {m: sum(v.values()) / len(v) for m, v in acc.items()}
+    assert mean["no defense"] >= 0.6, acc  # the attack works: the protection is what holds it back
+    assert mean["mima"] <= 0.3, acc
+    for c in OTHERS:
+        assert abs(util[c]["mima"] - util[c]["no defense"]) <= 0.25, (c, util[c])
+    # images, not noise: at the same seeds, the immunized model's untargeted generations look like the erased
+    # model's to the oracle's feature embedding (cosine per image pair; noise against an image is far lower)
+    gen = {m: _generations(cfg, run_dir, m) for m in ("no defense", "mima")}
+    sim = {c: float((oracle.embed(gen["no defense"][c]) * oracle.embed(gen["mima"][c])).sum(1).min()) for c in OTHERS}
+    print(f"untargeted generations, erased vs immunized, lowest embedding cosine: {sim}")
+    assert min(sim.values()) >= SAME_IMAGE_COSINE, sim
+
+
+def _generations(cfg, run_dir, model):
+    from mima_lib.experiment.stages.common import model_for
+    from mima_lib.method.diffusion import generate
+
+    pipe = model_for(cfg, run_dir, model)
+    return {c: generate(pipe, [cfg.concept(c).prompt] * 2, [0, 1], cfg.data.sample_steps, cfg.data.guidance)
+            for c in OTHERS}
