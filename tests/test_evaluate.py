@@ -292,3 +292,18 @@ def test_toy_generation_utility_reproducible():
     assert all(np.array_equal(a[c], b[c]) for c in prompts)
     rows = ev.generation_utility(a, b, "oracle_accuracy")
     assert all(r["change"] == 0 for r in rows)
+
+
+def test_labelled_grid_column_titles_fit_their_columns():
+    """Long concept names ('katsushika hokusai #0') overlapped the next column's title in the utility grid."""
+    from PIL import Image, ImageDraw
+
+    from mima_lib.evaluation.plots import _fit, labelled_grid
+
+    d = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    assert _fit(d, "cup #0", 92) == "cup #0"  # short titles are kept whole
+    cut = _fit(d, "katsushika hokusai #0", 60)
+    assert cut.startswith("..") and cut.endswith("#0") and d.textlength(cut) <= 60
+    grid = labelled_grid(torch.zeros(4, 3, 16, 16), ["a", "b"], ["katsushika hokusai #0", "katsushika hokusai #1"],
+                         cell=48)
+    assert grid.height == 2 * 48 + 14

@@ -124,6 +124,16 @@ def method_step_grid(snapshots: dict, steps: list[int] | None = None, index: int
     return _with_header(grid, [f"step {s}" for s in steps], size * scale, path)
 
 
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: int) -> str:
+    """text cut from the left behind '..' until it fits width pixels (its end, e.g. '#0', tells columns apart):
+    titles of neighbouring columns must not overlap ('katsushika hokusai #0' -> '..ushika hokusai #0')."""
+    if draw.textlength(text) <= width:
+        return text
+    while len(text) > 1 and draw.textlength(".." + text) > width:
+        text = text[1:]
+    return ".." + text
+
+
 def _with_header(grid: Image.Image, headers: list[str], cell_w: int, path) -> Image.Image:
     """Add a row of column titles above a grid whose cells are cell_w wide (right-aligned block)."""
     pad = grid.width - cell_w * len(headers)
@@ -131,7 +141,7 @@ def _with_header(grid: Image.Image, headers: list[str], cell_w: int, path) -> Im
     out.paste(grid, (0, 14))
     d = ImageDraw.Draw(out)
     for k, text in enumerate(headers):
-        d.text((pad + k * cell_w + 2, 1), text, fill=(0, 0, 0))
+        d.text((pad + k * cell_w + 2, 1), _fit(d, text, cell_w - 4), fill=(0, 0, 0))
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         out.save(path)
