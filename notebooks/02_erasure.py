@@ -13,8 +13,6 @@
 #     name: python3
 # ---
 
-# %%
-
 # %% [markdown]
 # # 02 · Erasure: remove the concepts with UCE's closed form
 #

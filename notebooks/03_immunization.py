@@ -13,8 +13,6 @@
 #     name: python3
 # ---
 
-# %%
-
 # %% [markdown]
 # # 03 · Immunization: MIMA's bi-level step, unrolled, then run
 #
