@@ -27,8 +27,10 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# default.yaml runs 3 seeds: DEMO_WORKERS of them at once, each a process with one torch thread
+DEMO_WORKERS ?= 3
 demo: venv
-	$(PY) -m mima_lib.experiment.run papermill_params/default.yaml
+	$(PY) -m mima_lib.experiment.run papermill_params/default.yaml --workers $(DEMO_WORKERS)
 
 # Two pytest-xdist workers with one torch thread each, subprocesses and notebook kernels included
 # (OMP_NUM_THREADS): the torch work of the tests is small ops that one thread runs as fast as two, and two

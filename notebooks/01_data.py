@@ -13,7 +13,6 @@
 #     name: python3
 # ---
 
-
 # %% [markdown]
 # # 01 · Data: what the defender, the attacker and the judge each hold
 #
@@ -57,9 +56,9 @@ force = False  # True: recompute outputs that already exist
 from mima_lib.evaluation.plots import labelled_grid, show
 from mima_lib.experiment import stages
 from mima_lib.experiment.config import run_dir_for
-from mima_lib.experiment.loading import load_experiment
+from mima_lib.experiment.loading import load_run
 
-cfg = load_experiment(params_file)
+cfg = load_run(params_file)  # a `seeds:` file opened by hand: its first seed
 run_dir = run_dir_for(cfg, run_root)
 print(f"experiment {cfg.experiment!r} ({cfg.task}): targets {cfg.concepts}; run folder {run_dir}")
 

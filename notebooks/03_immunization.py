@@ -111,9 +111,9 @@ import torch
 from mima_lib.evaluation.plots import plot_bars, plot_lines, show
 from mima_lib.experiment import stages
 from mima_lib.experiment.config import immunize_config, merge_captions, run_dir_for
-from mima_lib.experiment.loading import load_experiment
+from mima_lib.experiment.loading import load_run
 
-cfg = load_experiment(params_file)
+cfg = load_run(params_file)  # a `seeds:` file opened by hand: its first seed
 run_dir = run_dir_for(cfg, run_root)
 print(f"experiment {cfg.experiment!r} ({cfg.task}): immunize against {cfg.concepts} with {cfg.immunize.methods}")
 

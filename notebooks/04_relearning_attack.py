@@ -13,8 +13,6 @@
 #     name: python3
 # ---
 
-# %%
-
 # %% [markdown]
 # # 04 · The re-learning attack: can the erased concepts be fine-tuned back?
 #
@@ -56,9 +54,9 @@ force = False  # True: recompute outputs that already exist
 from mima_lib.evaluation.plots import show
 from mima_lib.experiment import stages
 from mima_lib.experiment.config import run_dir_for
-from mima_lib.experiment.loading import load_experiment
+from mima_lib.experiment.loading import load_run
 
-cfg = load_experiment(params_file)
+cfg = load_run(params_file)  # a `seeds:` file opened by hand: its first seed
 run_dir = run_dir_for(cfg, run_root)
 print(f"experiment {cfg.experiment!r} ({cfg.task}): attacks {cfg.attack.methods} on {cfg.concepts}, "
       f"seeds {cfg.attack.seeds}")
@@ -109,7 +107,8 @@ for c in cfg.concepts:
 # - **Another attacker**: `--set attack.methods=[dreambooth]` (or `textual_inversion`, `custom_diffusion`).
 #   Immunization simulated a fine-tune of cross-attention; DreamBooth tunes the whole UNet, so the protection may
 #   transfer less.
-# - **More seeds**: `--set attack.seeds=[0,1,2]`. The report then gives 95% intervals; with 8 images per cell,
-#   one image is 12.5 points, so single-seed differences of that size are noise.
+# - **More seeds**: `--set seeds=[0,1,2,3,4]` runs the whole sequence once more per seed (new data draws and
+#   immunization too); `--set attack.seeds=[0,1,2]` only re-runs this attacker with other seeds. With 4 images
+#   per cell one image is 25 points, so one seed's differences of that size are noise.
 #
 # Give each try its own name (`--set experiment=NAME`): a run folder made with other settings is refused.

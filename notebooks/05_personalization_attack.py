@@ -13,8 +13,6 @@
 #     name: python3
 # ---
 
-# %%
-
 # %% [markdown]
 # # 05 · The personalization attack: can the model learn a protected *new* concept?
 #
@@ -54,9 +52,9 @@ force = False  # True: recompute outputs that already exist
 from mima_lib.evaluation.plots import show
 from mima_lib.experiment import stages
 from mima_lib.experiment.config import run_dir_for
-from mima_lib.experiment.loading import load_experiment
+from mima_lib.experiment.loading import load_run
 
-cfg = load_experiment(params_file)
+cfg = load_run(params_file)  # a `seeds:` file opened by hand: its first seed
 run_dir = run_dir_for(cfg, run_root)
 print(f"experiment {cfg.experiment!r} ({cfg.task}): attacks {cfg.attack.methods} on {cfg.concepts}, "
       f"seeds {cfg.attack.seeds}")

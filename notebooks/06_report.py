@@ -13,7 +13,6 @@
 #     name: python3
 # ---
 
-
 # %% [markdown]
 # # 06 · The report: how much did immunization protect, and what did it cost?
 #
@@ -45,9 +44,15 @@
 # immunization (oracle accuracy on the toy, CLIP score on a real model); and, with `evaluate.benign_concepts`, a
 # harmless LoRA whose SGR should be near 0 (the immunized model still learns new things).
 #
-# **What to look at.** MSGR: higher is better, but with one seed and 8 images per cell one image is 12.5
-# accuracy points, so small gaps are noise. Then the utility table: a method that protects by breaking the model
-# has not protected anything worth having.
+# **Seeds.** A file with `seeds: [0, 1, 2]` (the default) runs this whole sequence once per seed, each with its own
+# data draws, immunization and attacks in `runs/<experiment>/seed<k>/`; this notebook is one seed's report, and
+# the runner then writes `runs/<experiment>/report/report.md`, every number as a mean over seeds with its 95%
+# interval and MIMA minus the best baseline paired by seed (`mima_lib.experiment.seed_summary`). Opened by hand,
+# the notebook reports the first seed.
+#
+# **What to look at.** MSGR: higher is better, but with 4 images per cell one image is 25 accuracy points, so
+# one seed's small gaps are noise: read the intervals over seeds. Then the utility table: a method that protects
+# by breaking the model has not protected anything worth having.
 
 # %% tags=["parameters"]
 params_file = "../papermill_params/default.yaml"  # the experiment: one YAML of papermill_params/
@@ -61,9 +66,9 @@ from mima_lib.evaluation.metrics import msgr, read_table, sgr
 from mima_lib.evaluation.plots import plot_bars, show
 from mima_lib.experiment import stages
 from mima_lib.experiment.config import run_dir_for
-from mima_lib.experiment.loading import load_experiment
+from mima_lib.experiment.loading import load_run
 
-cfg = load_experiment(params_file)
+cfg = load_run(params_file)  # a `seeds:` file opened by hand: its first seed
 run_dir = run_dir_for(cfg, run_root)
 print(f"experiment {cfg.experiment!r} ({cfg.task}): {cfg.concepts}, attacks {cfg.attack.methods}, "
       f"extractors {cfg.evaluate.extractors}")

@@ -3,6 +3,7 @@
     python scripts/utility_probe.py                                # default.yaml, the toy defaults
     python scripts/utility_probe.py --steps 30                     # fewer upper steps
     python scripts/utility_probe.py --noise                        # also: how the oracle reads pure noise
+    python scripts/utility_probe.py --set "concepts=[cat, umbrella, van gogh, claude monet]"   # other targets
 
 Prints, for each utility concept of the file:
 - row share: the part of its text-state rows' norm inside the span MIMA's selective K/V update may change
@@ -52,12 +53,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8, help="generations per concept")
     ap.add_argument("--run-root", default=str(ROOT / "runs" / "utility_probe"))
     ap.add_argument("--noise", action="store_true")
+    ap.add_argument("--set", action="append", default=[], help="KEY.PATH=VALUE override of the file (repeatable)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     sets = ["immunize.methods=[mima]", "immunize.per_method={}"]
     if args.steps is not None:
         sets.append(f"immunize.settings.steps={args.steps}")
-    cfg = load_experiment(args.params_file, sets)
+    cfg = load_experiment(args.params_file, sets + args.set)
     run = run_dir_for(cfg, Path(args.run_root) / f"steps{args.steps or 'file'}")
     stages.make_data(cfg, run)
     stages.erase(cfg, run)

@@ -207,7 +207,7 @@ def test_the_parameter_file_not_the_image_size_picks_the_defaults(sd_shaped):
     (["attack.settings.lora.stepz=3"], "unknown lora settings \\['stepz'\\]"),
     (["attack.seeds=three"], "attack.seeds: expected a list"),
     (["nonsense"], "write KEY.PATH=VALUE"),
-    (["concepts.cat=1"], "concepts is \\['cat', 'umbrella', 'van gogh', 'claude monet'\\], not a mapping"),
+    (["concepts.cat=1"], "concepts is \\['cat', 'van gogh'\\], not a mapping"),
 ])
 def test_command_line_overrides_are_validated_like_the_file(sets, match):
     with pytest.raises(ConfigError, match=match):

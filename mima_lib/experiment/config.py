@@ -104,8 +104,10 @@ class ExperimentConfig:
     device: str = "auto"
     seed: int = 0
     # the whole pipeline (data draws, immunization, attacks) once per seed, each in its own run folder
-    # (python -m mima_lib.experiment.grid); None: the single seed above
+    # runs/<experiment>/seed<k>/, by the notebook runner and the grid alike; None: the single seed above
     seeds: list[int] | None = None
+    # set by the notebook runner for each seed of a `seeds:` file: the run folder is runs/<experiment>/<this>
+    run_subfolder: str = ""
     task: str = field(default="relearning", metadata={"choices": ("relearning", "personalization")})
     concepts: list[str] = field(default_factory=lambda: ["van gogh", "claude monet", "cat", "umbrella"])
     # concepts the toy world does not know (every concept of a real model): kind and prompts (concepts.py)
@@ -220,4 +222,18 @@ def stage_settings(cfg: ExperimentConfig, *sections: str) -> dict:
 
 
 def run_dir_for(cfg: ExperimentConfig, run_root: str | Path = "runs") -> Path:
-    return Path(run_root) / slug(cfg.experiment)
+    root = Path(run_root) / slug(cfg.experiment)
+    return root / cfg.run_subfolder if cfg.run_subfolder else root
+
+
+def experiment_seeds(cfg: ExperimentConfig) -> list[int]:
+    """The seeds a file runs (`seeds:`, else its single `seed`), checked: some, distinct, non-negative."""
+    seeds = list(cfg.seeds) if cfg.seeds is not None else [cfg.seed]
+    if not seeds:
+        raise ConfigError("seeds: the list is empty; give at least one seed (3 or more for a confidence interval), "
+                          "or leave the key out to run the file's single `seed`")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds: duplicate seeds in {seeds}; a seed's runs would overwrite each other's")
+    if any(s < 0 for s in seeds):
+        raise ConfigError(f"seeds: {seeds} holds a negative seed; use seeds >= 0")
+    return seeds

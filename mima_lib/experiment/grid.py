@@ -28,14 +28,7 @@ def validate_grid(cfg) -> list:
     attack cells of one seed."""
     from .variants import attack_cells
 
-    seeds = grid_seeds(cfg)
-    if not seeds:
-        raise ConfigError("seeds: the list is empty; give at least one seed (3 or more for a confidence interval), "
-                          "or leave the key out to run the file's single `seed`")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"seeds: duplicate seeds in {seeds}; a seed's runs would overwrite each other's")
-    if any(s < 0 for s in seeds):
-        raise ConfigError(f"seeds: {seeds} holds a negative seed; use seeds >= 0")
+    grid_seeds(cfg)  # some, distinct, non-negative (config.experiment_seeds)
     cells = attack_cells(cfg)
     for cell in cells:
         steps = _snapshot_steps(cfg, cell)
@@ -62,7 +55,9 @@ def _snapshot_steps(cfg, cell) -> list[int]:
 
 
 def grid_seeds(cfg) -> list[int]:
-    return list(cfg.seeds) if cfg.seeds is not None else [cfg.seed]
+    from .config import experiment_seeds
+
+    return experiment_seeds(cfg)
 
 
 def load_grid(params_file, overrides=()):

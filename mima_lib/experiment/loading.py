@@ -8,11 +8,13 @@ rebuilds the same validated ExperimentConfig from it with :func:`load_experiment
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
 
-from .config import ExperimentConfig, attack_defaults, extractor_for, immunize_config, merge_captions, slug
+from .config import (ExperimentConfig, attack_defaults, experiment_seeds, extractor_for, immunize_config,
+                     merge_captions, slug)
 from .dataclass_yaml import ConfigError, from_dict, load_yaml
 
 
@@ -23,6 +25,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 
     if not cfg.concepts:
         raise ConfigError("concepts: the list is empty; name at least one concept to immunize")
+    experiment_seeds(cfg)  # some, distinct, non-negative
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", cfg.run_subfolder):
+        raise ConfigError(f"run_subfolder: {cfg.run_subfolder!r} must be one folder name (letters, digits, _ -); "
+                          "the runner sets it per seed, leave it out")
     if len(set(cfg.concepts)) != len(cfg.concepts):
         raise ConfigError(f"concepts: duplicate names in {cfg.concepts}")
     clash = sorted(set(cfg.data.regularization_concepts) & set(cfg.concepts))
@@ -172,3 +178,16 @@ def load_experiment(params_file: str | Path, overrides=()) -> ExperimentConfig:
         return validate(from_dict(ExperimentConfig, data))
     except ConfigError as err:
         raise ConfigError(f"{params_file}: {err}") from None
+
+
+def load_run(params_file: str | Path, overrides=()) -> ExperimentConfig:
+    """The experiment one notebook runs: the file's own, or for a `seeds:` file opened by hand (the runner
+    gives each seed its own file) its first seed, in the folder the runner uses for it (runs/<experiment>/seed<k>/),
+    so a notebook run in JupyterLab finds what `make demo` computed."""
+    from dataclasses import replace
+
+    cfg = load_experiment(params_file, overrides)
+    if cfg.seeds is None:
+        return cfg
+    s = cfg.seeds[0]
+    return replace(cfg, seed=s, seeds=None, run_subfolder=f"seed{s}", attack=replace(cfg.attack, seeds=[s]))
