@@ -211,6 +211,29 @@ def test_native_diffusers_loaders(tiny, cat_images, tmp_path):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_multi_vector_textual_inversion(tiny, cat_images, tmp_path):
+    """num_vectors: 2 adds <new1> and <new1>_1 and trains both rows; diffusers' loader reloads them from one
+    (2, dim) entry, and its pipeline expands the short prompt "... <new1>" to both tokens as training saw them."""
+    r = run_attack("ti", tiny, cat_images, "a photo of a <new1>", {"steps": 3, "num_vectors": 2}, copy=True,
+                   defaults="toy", **QUICK)
+    assert r.tokens == ["<new1>", "<new1>_1"]
+    weight, n_old = r.pipe.text_encoder.get_input_embeddings().weight, len(tiny.tokenizer)
+    init = tiny.text_encoder.get_input_embeddings().weight[tiny.tokenizer.convert_tokens_to_ids("object</w>")]
+    assert all(not torch.allclose(weight[n_old + i], init) for i in range(2))  # both rows were trained
+    path = save_attack(r, tmp_path / "ti")
+    from safetensors.torch import load_file
+
+    assert {k: tuple(v.shape) for k, v in load_file(path).items()} == {"<new1>": (2, weight.shape[1])}
+    p = copy_pipeline(tiny)
+    p.load_textual_inversion(str(tmp_path / "ti"))
+    assert p.maybe_convert_prompt("a photo of a <new1>", p.tokenizer) == "a photo of a <new1> <new1>_1"
+    long = "a photo of a <new1> <new1>_1"
+    torch.testing.assert_close(encode_prompts(p, [long]), encode_prompts(r.pipe, [long]))
+    with pytest.raises(ValueError, match="num_vectors must be >= 1"):
+        run_attack("ti", tiny, cat_images, "a photo of a <new1>", {"steps": 1, "num_vectors": 0}, copy=True,
+                   defaults="toy", **QUICK)
+
+
 def test_deterministic_snapshots_and_frozen_parts(tiny, cat_images):
     kw = dict(snapshot_steps=(0, 2), sample_steps=3, snapshot_prompts=[CAT] * 2, progress=False)
     a = run_attack("lora", tiny, cat_images, CAT, {"steps": 2}, copy=True, defaults="toy", **kw)

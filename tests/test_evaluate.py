@@ -153,6 +153,17 @@ def test_toy_numbers_reproducible_and_step0_sgr_zero():
     assert step0 and all(r["mean"] == 0 for r in step0)  # identical step-0 snapshots in both runs
 
 
+def test_accuracy_bands_stay_inside_zero_and_one():
+    """Three seeds' t-intervals of an accuracy reach past 0 and 1; the curve's band is drawn inside [0, 1]."""
+    from mima_lib.evaluation.plots import plot_similarity_curves
+
+    rows = [{"metric": "ACC", "method": "mima", "concept": "lora", "step": s, "mean": m, "ci95": 0.6}
+            for s, m in ((0, 0.1), (20, 0.5), (40, 0.9))]
+    fig = plot_similarity_curves(rows, metric="ACC", concepts=["lora"])
+    ys = fig.axes[0].collections[0].get_paths()[0].vertices[:, 1]
+    assert ys.min() == 0.0 and ys.max() == 1.0
+
+
 def test_plots_write_pngs(tmp_path):
     from PIL import Image
 

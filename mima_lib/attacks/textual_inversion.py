@@ -1,7 +1,9 @@
 """Textual Inversion attack: a new token (e.g. `<new1>`) whose input embedding alone is trained,
-initialised from an existing word; the model's weights stay untouched.
+initialised from an existing word; the model's weights stay untouched. With `num_vectors: k` the placeholder
+stands for k new tokens `<new1> <new1>_1 ... <new1>_{k-1}` (diffusers' --num_vectors), for concepts whose
+name is several words: one vector cannot stand in for the two text-state rows of "van gogh".
 
-Saved as diffusers' `learned_embeds.safetensors` ({token: (1, dim) tensor}), so
+Saved as diffusers' `learned_embeds.safetensors` ({token: (k, dim) tensor}), so
 `pipe.load_textual_inversion(folder)` reloads it (as does `load_textual_inversion` here).
 Reference code: diffusers' train_textual_inversion.py, lr 5e-4 (x batch size with --scale_lr), batch 1.
 
@@ -29,6 +31,7 @@ class TextualInversionSettings:
 
     token: str = "<new1>"
     initializer_token: str = "object"  # an existing single-token word; the new embedding starts as its copy
+    num_vectors: int = 1  # new tokens the placeholder stands for (diffusers' multi-vector TI)
     steps: int = 40  # the paper's tables report step 40 (the reference script ran up to 2000)
     lr: float = 5e-4
     batch_size: int = 1
@@ -95,6 +98,19 @@ def add_tokens(pipe, tokens: list[str], initializer_words: list[str]) -> list[in
     return ids
 
 
+def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
+    """The new tokens of a k-vector placeholder, named as diffusers' loader and pipelines expect them."""
+    if num_vectors < 1:
+        raise ValueError(f"num_vectors must be >= 1, got {num_vectors}")
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+def expand_placeholder(prompt: str, token: str, tokens: list[str]) -> str:
+    """The prompt the text encoder sees: the placeholder word replaced by all its tokens. (The pipelines do the
+    same on their own, by TextualInversionLoaderMixin.maybe_convert_prompt, so generation takes the short one.)"""
+    return " ".join(" ".join(tokens) if w == token else w for w in prompt.split())
+
+
 def require_tokens_in_prompt(prompt: str, tokens: list[str], what: str) -> None:
     missing = [t for t in tokens if t not in prompt.split()]
     if missing:
@@ -131,18 +147,20 @@ def textual_inversion_attack(pipe, images, prompt: str, settings: TextualInversi
     settings = settings or TextualInversionSettings()
     cfg, kw = attack_setup(settings, "textual inversion", finetune_kwargs, pipe, [(images, prompt)])
     require_tokens_in_prompt(prompt, [settings.token], "placeholder token")
+    tokens = placeholder_tokens(settings.token, settings.num_vectors)
     freeze_pipeline(pipe)
-    ids = add_tokens(pipe, [settings.token], [settings.initializer_token])
+    ids = add_tokens(pipe, tokens, [settings.initializer_token] * len(tokens))
     freezer = TokenFreezer(pipe.text_encoder, ids)
     params = {"text_encoder.token_embedding": freezer.weight}
+    train_prompt = expand_placeholder(prompt, settings.token, tokens)
     try:
-        result = finetune(pipe, images, prompt, params, cfg, batch_size=settings.batch_size, hflip=settings.hflip,
+        result = finetune(pipe, images, train_prompt, params, cfg, batch_size=settings.batch_size, hflip=settings.hflip,
                           text_params_changed=True, after_step=freezer.restore,
                           **kw)
     finally:
         freezer.remove()
         pipe.text_encoder.requires_grad_(False)
-    result.method, result.settings, result.tokens = "textual_inversion", settings, [settings.token]
+    result.method, result.settings, result.tokens = "textual_inversion", settings, tokens
     return result
 
 
@@ -158,14 +176,19 @@ def token_embeddings(pipe, tokens: list[str]) -> dict[str, torch.Tensor]:
 
 
 def save_textual_inversion(pipe, folder, token: str = "<new1>", weight_name: str = TI_WEIGHT_NAME) -> Path:
-    """Write <folder>/learned_embeds.safetensors = {token: (1, dim)}; reload with
-    `pipe.load_textual_inversion(folder)` on a model without the token."""
+    """Write <folder>/learned_embeds.safetensors = {token: (k, dim)}, k the placeholder's vectors (its tokens
+    `token`, `token_1`, ... in the tokenizer); reload with `pipe.load_textual_inversion(folder)` on a model
+    without the token."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / weight_name
-    save_file(token_embeddings(pipe, [token]), path)
+    tokens, vocab = [token], pipe.tokenizer.get_vocab()
+    while f"{token}_{len(tokens)}" in vocab:
+        tokens.append(f"{token}_{len(tokens)}")
+    rows = token_embeddings(pipe, tokens)
+    save_file({token: torch.cat([rows[t] for t in tokens]).contiguous()}, path)
     return path
 
 

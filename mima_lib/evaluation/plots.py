@@ -56,7 +56,8 @@ def plot_similarity_curves(rows: list[dict], metric: str = "M", concepts: list[s
     """One panel per concept (plus 'all' for MSGR): mean over seeds vs step per method, 95% CI shaded.
 
     rows: `metrics.sgr_table` output. metric: 'M' (raw similarity of every run, the no-defense one included),
-    'SGR', or 'MSGR' (one panel). extractor: which one, when the rows hold several.
+    'SGR', or 'MSGR' (one panel), or 'ACC' (the toy oracle's accuracy, its band clipped to [0, 1]).
+    extractor: which one, when the rows hold several.
     """
     rows = [r for r in rows if r["metric"] == metric and extractor in (None, r.get("extractor"))]
     if not rows:
@@ -81,6 +82,8 @@ def plot_similarity_curves(rows: list[dict], metric: str = "M", concepts: list[s
             line, = ax.plot(steps, mean, marker="o", ms=3, label=method)
             lo = [m - (0 if math.isnan(c) else c) for m, c in zip(mean, ci)]
             hi = [m + (0 if math.isnan(c) else c) for m, c in zip(mean, ci)]
+            if metric == "ACC":  # an accuracy lies in [0, 1]: the band is drawn inside it (the tables keep ±)
+                lo, hi = [max(0.0, v) for v in lo], [min(1.0, v) for v in hi]
             ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
         ax.set_title(concept if metric != "MSGR" else "MSGR (mean over concepts)", fontsize=9)
         ax.set_xlabel("adaptation step", fontsize=8)
