@@ -26,6 +26,11 @@ def test_toy_concepts_take_their_prompts_from_the_toy_world(tmp_path):
     assert (vg.kind, vg.ti_prompt, vg.generic_prompt, vg.guide) == ("artist", "an artwork of <new1>", "artwork", "")
     pers = _load(tmp_path, {"concepts": ["purple cat"], "task": "personalization", "erase": {"enabled": False}})
     assert pers.concept("purple cat").attack_prompt == "a photo of <new1> cat"
+    assert (pers.concept("purple cat").class_prompt, cat.class_prompt) == ("a photo of a cat", None)
+    # the selective update leaves the instances' classes alone (ImmunizeConfig.protect_prompts)
+    from mima_lib.experiment.config import immunize_config
+    assert immunize_config(pers, "mima").protect_prompts == ["a photo of a cat"]
+    assert immunize_config(cfg, "mima").protect_prompts == []
 
 
 def test_a_declared_kind_is_not_guessed_from_the_words(tmp_path):
@@ -89,3 +94,5 @@ def test_every_sd14_concept_declares_its_kind_and_places_its_placeholder(tmp_pat
                                             "sd14_relearn_imagenette.yaml": "object",
                                             "sd14_personalization.yaml": "instance"}[name]
         assert "<new1>" in rec.ti_prompt.split(), rec
+        if rec.kind == "instance":  # the class: the prompt without the modifier token
+            assert rec.class_prompt == rec.attack_prompt.replace("<new1> ", ""), rec

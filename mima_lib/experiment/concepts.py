@@ -10,6 +10,8 @@ Every prompt a stage needs comes from here, never from string surgery in the sta
                     ("an artwork of <new1>"); None where no placeholder can be placed
     guide           UCE's target for this concept ("" in the reference code)
     generic_prompt  the prompt of the concept's kind: regularization data ("artwork", "a photo of an object")
+    class_prompt    an instance's class ("a photo of a cat" for "a photo of <new1> cat"): what personalization
+                    must leave drawable; None for artists and objects
 
 A toy-world concept's record comes from the toy world (which owns its prompts); any other concept is defined
 in the parameter file (``definitions:``) with its kind, never guessed from its words.
@@ -37,6 +39,7 @@ class ConceptDefinition:
     ti_prompt: str | None = None  # default: prompt with the concept's name replaced by the placeholder
     guide: str | None = None  # default: erase.guide, else the generic prompt
     generic_prompt: str | None = None  # default: GENERIC_PROMPTS[kind]
+    class_prompt: str | None = None  # instances: default the attack prompt without the modifier token
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class Concept:
     ti_prompt: str | None
     guide: str
     generic_prompt: str
+    class_prompt: str | None
     toy: bool  # the toy world knows it: it can render it and its oracle can recognise it
 
 
@@ -70,7 +74,8 @@ def _toy_record(name: str, task: str, guide: str | None, token: str) -> Concept:
     c = world.concept(name)
     attack = c.personalization_prompt(token) if task == "personalization" and c.kind == "instance" else c.prompt
     return Concept(c.name, c.kind, c.prompt, attack, c.textual_inversion_prompt(token),
-                   guide if guide is not None else c.generic_prompt, c.generic_prompt, toy=True)
+                   guide if guide is not None else c.generic_prompt, c.generic_prompt,
+                   c.class_prompt if c.kind == "instance" else None, toy=True)
 
 
 def _defined_record(name: str, d: ConceptDefinition, guide: str | None, token: str) -> Concept:
@@ -89,7 +94,8 @@ def _defined_record(name: str, d: ConceptDefinition, guide: str | None, token: s
         raise ConfigError(f"{where}.ti_prompt: {ti!r} must contain the placeholder {token!r} as a word")
     generic = d.generic_prompt or GENERIC_PROMPTS[d.kind]
     g = d.guide if d.guide is not None else (guide if guide is not None else generic)
-    return Concept(name, d.kind, d.prompt, attack, ti, g, generic, toy=False)
+    cls = d.class_prompt or (" ".join(w for w in attack.split() if w != token) if d.kind == "instance" else None)
+    return Concept(name, d.kind, d.prompt, attack, ti, g, generic, cls, toy=False)
 
 
 def build_concepts(names: list[str], definitions: dict, task: str, erase_guide: str | None,

@@ -206,6 +206,9 @@ def immunize_config(cfg: ExperimentConfig, method: str):
     if unknown:
         raise ConfigError(f"immunize.settings: unknown keys {unknown}; known: {sorted(known)}")
     icfg = ImmunizeConfig.toy(**overrides) if cfg.is_toy else ImmunizeConfig(**overrides)
+    if icfg.outer_rows == "targets" and "protect_prompts" not in overrides:  # personalization: keep the classes
+        classes = [cfg.concept(c).class_prompt for c in cfg.concepts]
+        icfg.protect_prompts = list(dict.fromkeys(p for p in classes if p))
     try:
         icfg.validate()
     except ValueError as err:

@@ -91,7 +91,8 @@ def immunize(pipe, concept_images: dict, reg_images=None, reg_prompt: str | None
         from .merge import is_cross_attention_kv
         from .selective import project_update, target_row_projector
 
-        P = target_row_projector(pipe, list(prob.prompts), [p for p in prob.reg_prompts if p]).to(unet.device)
+        P = target_row_projector(pipe, list(prob.prompts), [p for p in prob.reg_prompts if p],
+                                 protect_prompts=list(cfg.protect_prompts)).to(unet.device)
         kv = {k: prob.params[k].detach().clone() for k in prob.outer_names if is_cross_attention_kv(k)}
 
         def step_hook(step):

@@ -4,7 +4,7 @@ the regularization captions), prior-preservation data and the parameter sets S_l
 Everything here fails early with a message that names the fix."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -51,6 +51,10 @@ class ImmunizeConfig:
     # 'all' (the paper): S_u changes freely; 'targets': the change of cross-attention K/V is kept only along the
     # text-state rows the targets own, so prompts that share none of them are drawn as before (method/selective.py)
     outer_rows: str = "all"
+    # with outer_rows='targets': prompts whose text rows the change must leave alone too, although the targets
+    # share them. Personalization gives the instances' classes ("a photo of a cat" for "a photo of <new1> cat"):
+    # the instance is protected, its class stays drawable (measured: README, "The seed grid")
+    protect_prompts: list[str] = field(default_factory=list)
     batch_size: int = 1  # images per concept (and per regularization prompt) in each batch
     hflip: bool = False  # add mirrored copies of every image (the reference code flips at random)
     lora_rank: int = 4  # only for inner_params='lora'
@@ -117,6 +121,9 @@ class ImmunizeConfig:
             raise ValueError(f"prior_on must be 'merged' or 'immunized', got {self.prior_on!r}")
         if self.outer_rows not in ("all", "targets"):
             raise ValueError(f"outer_rows must be 'all' (the paper) or 'targets' (selective), got {self.outer_rows!r}")
+        if self.protect_prompts and self.outer_rows != "targets":
+            raise ValueError(f"protect_prompts {list(self.protect_prompts)} act on the selective update only; set "
+                             "outer_rows: targets, or leave protect_prompts out")
         if self.outer_rows == "targets" and self.hypergrad == "hvp":
             raise ValueError("outer_rows='targets' is implemented for hypergrad='autograd' only")
         if self.concept_reduction not in ("mean", "sum"):

@@ -51,18 +51,21 @@ def owned_row_projector(owned: Tensor, shared: Tensor, rtol: float = 1e-3) -> Te
     return U @ U.T
 
 
-def target_row_projector(pipe, target_prompts: list[str], kept_prompts: list[str], rtol: float = 1e-3) -> Tensor:
+def target_row_projector(pipe, target_prompts: list[str], kept_prompts: list[str], rtol: float = 1e-3,
+                         protect_prompts: list[str] = ()) -> Tensor:
     """The projector of the module docstring: the targets' own rows (every position the UNet sees, from the
-    first one they share with no kept prompt nor "") deflated against the rows of "" and the shared prefixes."""
+    first one they share with no kept prompt nor "") deflated against the rows of "", the shared prefixes and
+    every row of ``protect_prompts`` (whose rows the targets share: "a photo of a cat" for "<new1> cat")."""
     tok = pipe.tokenizer
-    others = list(dict.fromkeys(list(kept_prompts) + [""]))
+    others = list(dict.fromkeys(list(kept_prompts) + list(protect_prompts) + [""]))
     with torch.no_grad():
         rows = encode_prompt_tokens(pipe, list(target_prompts), include_padding=True)
         empty = encode_prompt_tokens(pipe, [""], include_padding=True)[0]
+        protected = encode_prompt_tokens(pipe, list(protect_prompts), include_padding=True) if protect_prompts else []
     length = rows[0].shape[0]
     ids = tok(list(target_prompts), padding="max_length", max_length=length, truncation=True).input_ids
     other_ids = tok(others, padding="max_length", max_length=length, truncation=True).input_ids
-    owned, shared = [], [empty]
+    owned, shared = [], [empty, *protected]
     for j, (r, i) in enumerate(zip(rows, ids)):  # the other targets' prompts count as others too
         k = owned_positions(list(i), [list(o) for o in other_ids] + [list(t) for t in ids[:j] + ids[j + 1:]])
         owned.append(r[k:])
