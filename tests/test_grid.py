@@ -171,6 +171,18 @@ def test_smoke_grid_runs_and_resumes_after_a_kill(tmp_path):
     assert [p.stat().st_mtime_ns for p in snaps] == snap_times  # its attack runs were reused, not re-trained
     assert [m for m in ran if ": cell " in m] == [m for m in ran if m.startswith("seed 1: cell lora ")]
 
+    # --force on one cell whose attack settings changed: its attack runs start anew (the runs made with the
+    # old settings are removed, not refused for their manifests); the other cells stay as they were
+    from mima_lib.experiment.grid import load_grid, run_seed
+
+    ti = sorted((root / "seed1" / "attacks").rglob("textual_inversion/seed1/snapshots.safetensors"))
+    ti_times = [p.stat().st_mtime_ns for p in ti]
+    cfg, cells = load_grid(SMOKE, ["attack.settings.textual_inversion.num_vectors=2"])
+    status = run_seed(cfg, cells, root, 1, force=True, log=lambda m: None, only={"textual_inversion"})
+    assert status == {"textual_inversion": "ran"}
+    assert all(p.stat().st_mtime_ns > t for p, t in zip(ti, ti_times)), "the forced cell reused old runs"
+    assert _mtimes(root)["cells/seed1/lora/cell.json"] == third["cells/seed1/lora/cell.json"]
+
 
 def test_data_draws_move_with_the_seed():
     """Each seed draws its own renders (seed 0 keeps the single-seed files' draws); the held-out benign concept

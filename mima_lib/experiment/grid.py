@@ -116,6 +116,8 @@ def run_seed(cfg, cells, root: Path, seed: int, force: bool = False, log=print, 
             prepared = True
         t0 = time.time()
         (folder / "manifest.json").unlink(missing_ok=True)  # an unfinished (or forced) cell is not finished
+        if force:
+            gc.clear_cell_runs(run_dir, name, seed)
         work(folder)
         status[name] = "ran"
         log(f"seed {seed}: cell {name} done in {time.time() - t0:.0f} s")
