@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -91,7 +91,9 @@
 # concepts lost as much as the targets), 45 outer steps instead of 500 at AdamW lr $10^{-2}$, and
 # `outer_rows: targets` (`mima_lib.method.selective`): each K/V update is projected onto the text-state rows the
 # targets own, $W \leftarrow W_0 + (W - W_0)P$, so the empty prompt (classifier-free guidance's unconditional
-# branch) and the shared "a photo of a" prefix are read exactly as before, and other prompts nearly so.
+# branch) and the shared "a photo of a" prefix are read exactly as before, and other prompts nearly so. In
+# personalization the rows of each instance's class ("a photo of a cat" for "a photo of <new1> cat") are taken
+# out of $P$ too (`protect_prompts`): the instance is protected, and its class stays drawable.
 #
 # **What to look at.** Below, one iteration by hand: the inner steps' size, the merge's constraint residual
 # (zero to rounding for the merged weights, not for a plain average), the upper loss, and the exact
