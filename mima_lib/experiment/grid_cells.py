@@ -98,10 +98,6 @@ def cell_models(cfg: ExperimentConfig, benign: bool) -> list[str]:
     return ([BASE] if benign and _erased(cfg) else []) + models_of(cfg)
 
 
-def _run_folder(run_dir, model: str, concept: str, cell_name: str, seed: int) -> Path:
-    return Path(run_dir) / "attacks" / slug(model) / slug(concept) / slug(cell_name) / f"seed{seed}"
-
-
 def clear_cell_runs(run_dir, cell_name: str, seed: int) -> None:
     """Remove a cell's attack runs (every model and concept), checkpoints included: a forced cell starts anew
     instead of meeting the manifests of runs made with other settings."""
@@ -113,7 +109,7 @@ def clear_cell_runs(run_dir, cell_name: str, seed: int) -> None:
 
 def _one_run(cfg, run_dir, data, pipe, model, concept, cell, settings) -> dict:
     """One attack run (model x concept) of a cell, resumable by its own manifest; {step: images}."""
-    folder = _run_folder(run_dir, model, concept, cell.name, cfg.seed)
+    folder = Path(run_dir) / "attacks" / slug(model) / slug(concept) / slug(cell.name) / f"seed{cfg.seed}"
     run_settings = {**settings, "model": model, "concept": concept}
     if not check_manifest(folder, run_settings):
         remove_stale_temporaries(folder)

@@ -61,7 +61,7 @@ def target_row_projector(pipe, target_prompts: list[str], kept_prompts: list[str
     with torch.no_grad():
         rows = encode_prompt_tokens(pipe, list(target_prompts), include_padding=True)
         empty = encode_prompt_tokens(pipe, [""], include_padding=True)[0]
-        protected = encode_prompt_tokens(pipe, list(protect_prompts), include_padding=True) if protect_prompts else []
+        protected = encode_prompt_tokens(pipe, list(protect_prompts), include_padding=True)
     length = rows[0].shape[0]
     ids = tok(list(target_prompts), padding="max_length", max_length=length, truncation=True).input_ids
     other_ids = tok(others, padding="max_length", max_length=length, truncation=True).input_ids
