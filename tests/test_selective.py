@@ -83,27 +83,26 @@ def test_protect_prompts_need_the_selective_update():
 
 def test_personalization_protects_the_instance_and_leaves_its_class_exact(toy_pipe_factory):
     """Immunizing "a photo of <new1> cat" with its class protected: the K/V outputs of every row of "a photo of
-    a cat" stay as they were, while the instance's rows move. Without protection the class's rows move as much
-    as the instance's (the toy encoder's "cat" row hardly depends on what precedes it)."""
+    a cat" stay as they were, while the instance's rows move. Without protection the class's rows move by more
+    than a tenth of the instance's (the toy encoder's "cat" row hardly depends on what precedes it)."""
     from mima_lib.method.immunize import immunize
     from mima_lib.method.text_tokens import encode_prompt_tokens
     from mima_lib.toy import world
 
-    instance, cls = world.concept("purple cat"), world.concept("cat").prompt
+    inst, cls = world.concept("purple cat").personalization_prompt("<new1>"), world.concept("cat").prompt
     moves = {}
     for protect in ([], [cls]):
         pipe = toy_pipe_factory()
         kv = {n: m.weight for n, m in pipe.unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))}
         before = {n: w.detach().clone() for n, w in kv.items()}
         cfg = ImmunizeConfig.toy(steps=2, diagnose_every=0, protect_prompts=protect)
-        immunize(pipe, {instance.personalization_prompt("<new1>"): world.render_many("purple cat", 2)},
+        immunize(pipe, {inst: world.render_many("purple cat", 2)},
                  {world.concept("tree").prompt: world.render_many("tree", 2)}, cfg=cfg, progress=False)
         with torch.no_grad():
             rows = {p: encode_prompt_tokens(pipe, [p], include_padding=True)[0]
-                    for p in (cls, instance.personalization_prompt("<new1>"))}
+                    for p in (cls, inst)}
         moves[bool(protect)] = {p: max(float((kv[n].detach() @ r.T - before[n] @ r.T).abs().max()) for n in kv)
                                 for p, r in rows.items()}
-    inst = instance.personalization_prompt("<new1>")
     assert moves[True][inst] > 1e-3, moves
     assert moves[True][cls] <= 1e-3 * moves[True][inst], moves
     assert moves[False][cls] > 0.1 * moves[False][inst], moves  # what the protection prevents
