@@ -92,8 +92,8 @@ def validate_images(images, pipe, what: str = "attack images") -> None:
                          "(attacks.data.load_concept_folder(..., resize=True) does it)")
 
 
-def validate_prompt(prompt, what: str = "prompt") -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
+def validate_prompt(prompt, what: str = "prompt", allow_empty: bool = False) -> str:
+    if not isinstance(prompt, str) or not (prompt.strip() or allow_empty):
         raise ValueError(f"the attack's {what} must be a non-empty string, got {prompt!r}")
     return prompt
 
@@ -162,7 +162,7 @@ def finetune_concepts(pipe, concepts: Sequence[tuple], params: dict[str, torch.T
         if class_images is None or class_prompt is None:
             raise ValueError("prior preservation needs both class_images and class_prompt")
         validate_images(class_images, pipe, "class (prior-preservation) images")
-        validate_prompt(class_prompt, "class_prompt")
+        validate_prompt(class_prompt, "class_prompt", allow_empty=True)  # "": the unconditional prompt
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
