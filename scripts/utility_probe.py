@@ -8,6 +8,9 @@
 Prints, for each utility concept of the file:
 - row share: the part of its text-state rows' norm inside the span MIMA's selective K/V update may change
   (method/selective.py), i.e. how much of the update leaks onto it;
+- K/V change: how far its cross-attention keys and values moved, relative to their norm (mean over the K/V
+  layers); printed for the targets too. What an untargeted concept loses grows with the targets' change
+  times its overlap (ImmunizeConfig.kv_budget caps the first, row_contrast narrows the second);
 - after MIMA alone (no attack), at the same seeds: the oracle's accuracy on the erased and the immunized model,
   and the mean oracle-embedding cosine of the image pairs (about 1: the same picture; 0.6: noise).
 --noise: the oracle's top-1 within each kind on saturated colour noise, the kind of picture a broken model
@@ -15,6 +18,7 @@ draws (it was never trained on noise).
 """
 import argparse
 import collections
+import hashlib
 import os
 from pathlib import Path
 
@@ -24,11 +28,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mima_lib.experiment import stages  # noqa: E402
-from mima_lib.experiment.config import run_dir_for  # noqa: E402
+from mima_lib.experiment.config import immunize_config, run_dir_for  # noqa: E402
 from mima_lib.experiment.loading import load_experiment  # noqa: E402
 from mima_lib.experiment.stages.common import model_for  # noqa: E402
 from mima_lib.method.diffusion import generate  # noqa: E402
-from mima_lib.method.selective import target_row_projector  # noqa: E402
+from mima_lib.method.selective import relative_change, target_row_projector  # noqa: E402
 from mima_lib.method.text_tokens import encode_prompt_tokens  # noqa: E402
 from mima_lib.toy.oracle import load_toy_oracle  # noqa: E402
 
@@ -60,16 +64,28 @@ def main() -> None:
     if args.steps is not None:
         sets.append(f"immunize.settings.steps={args.steps}")
     cfg = load_experiment(args.params_file, sets + args.set)
-    run = run_dir_for(cfg, Path(args.run_root) / f"steps{args.steps or 'file'}")
+    sets_key = "-" + hashlib.sha1("|".join(args.set).encode()).hexdigest()[:8] if args.set else ""
+    run = run_dir_for(cfg, Path(args.run_root) / f"steps{args.steps or 'file'}{sets_key}")
     stages.make_data(cfg, run)
     stages.erase(cfg, run)
     imm = stages.immunize(cfg, run)
 
     erased, immunized, oracle = model_for(cfg, run, "no defense"), model_for(cfg, run, "mima"), load_toy_oracle()
     # the projector immunize() used: the targets' prompts against the regularization prompts it recorded
-    info = imm.runs["mima"]
-    P = target_row_projector(erased, info["concepts"], [p for p in info["reg_prompts"] if p]).double()
+    info, icfg = imm.runs["mima"], immunize_config(cfg, "mima")
+    P = target_row_projector(erased, info["concepts"], [p for p in info["reg_prompts"] if p],
+                             protect_prompts=icfg.protect_prompts, contrast=icfg.row_contrast).double()
     print(f"{cfg.experiment}: targets {cfg.concepts}; selective span of rank {round(float(torch.trace(P)))}")
+    kv = [n for n, _ in erased.unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
+    W0 = {n: erased.unet.get_submodule(n).weight.detach() for n in kv}
+    W1 = {n: immunized.unet.get_submodule(n).weight.detach() for n in kv}
+
+    def kv_change(prompt: str) -> float:
+        with torch.no_grad():
+            rows = encode_prompt_tokens(erased, [prompt], include_padding=True)[0]
+        return sum(relative_change(W1[n], W0[n], rows) for n in kv) / len(kv)
+
+    print("  targets' K/V change: " + ", ".join(f"{c} {kv_change(cfg.concept(c).prompt):.2f}" for c in cfg.concepts))
     seeds = list(range(args.n))
     for c in cfg.utility_concepts:
         prompt = cfg.concept(c).prompt
@@ -79,7 +95,8 @@ def main() -> None:
         a = generate(erased, [prompt] * args.n, seeds, cfg.data.sample_steps, cfg.data.guidance)
         b = generate(immunized, [prompt] * args.n, seeds, cfg.data.sample_steps, cfg.data.guidance)
         cos = float((oracle.embed(a) * oracle.embed(b)).sum(1).mean())
-        print(f"  {c:>20s}: row share {share:.1%}; oracle {oracle.accuracy(a, c):.0%} -> "
+        print(f"  {c:>20s}: row share {share:.1%}; K/V change {kv_change(prompt):.2f}; "
+              f"oracle {oracle.accuracy(a, c):.0%} -> "
               f"{oracle.accuracy(b, c):.0%}; image cosine {cos:.3f}")
     if args.noise:
         x = saturated_noise(64)

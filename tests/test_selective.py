@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mima_lib.method.problem import ImmunizeConfig
-from mima_lib.method.selective import owned_positions, owned_row_projector, project_update
+from mima_lib.method.selective import (contrast_basis, limit_change, owned_positions, owned_row_projector,
+                                      project_update, relative_change)
 
 
 def test_owned_positions_skip_every_shared_prefix():
@@ -28,6 +29,35 @@ def test_projector_is_orthogonal_to_shared_rows_and_keeps_owned_ones():
     torch.testing.assert_close(resid, resid @ S @ S.T, atol=1e-8, rtol=0)
 
 
+def _rows_with_a_common_part(g, n_concepts, rows_each, common, D):
+    """Each concept's rows: its own direction plus a mix of the ``common`` directions every prompt carries."""
+    return [torch.randn(1, D, generator=g) + torch.randn(rows_each, common.shape[0], generator=g) @ common
+            for _ in range(n_concepts)]
+
+
+def test_contrast_drops_what_every_prompt_carries_and_keeps_what_the_targets_own():
+    """Targets, prior and held-out concepts share a few common directions. Without contrast the projector
+    spans them, so a held-out concept's rows leak into it; with contrast only the targets' own directions
+    stay, and the held-out leak falls below a tenth of it, while most of the targets' energy stays."""
+    g = torch.Generator().manual_seed(2)
+    D = 64
+    common = 3 * torch.randn(4, D, generator=g)
+    targets, prior, held_out = (torch.cat(_rows_with_a_common_part(g, n, 8, common, D)) for n in (3, 10, 5))
+    share = lambda P, rows: float((rows.double() @ P).norm() ** 2 / rows.double().norm() ** 2)  # noqa: E731
+    empty = torch.zeros(0, D)
+    plain = owned_row_projector(targets, empty)
+    narrowed = owned_row_projector(targets, empty, kept=prior, contrast=10.0)
+    U = contrast_basis(targets, prior, 10.0)
+    torch.testing.assert_close(U.T @ U, torch.eye(U.shape[1], dtype=U.dtype), atol=1e-8, rtol=0)
+    assert U.shape[1] == 3, U.shape  # one own direction per target
+    assert share(plain, held_out) > 0.5
+    assert share(narrowed, held_out) < 0.1 * share(plain, held_out), (share(narrowed, held_out), share(plain, held_out))
+    assert share(narrowed, targets) > 0.02  # the targets' own directions are a small part of their energy here
+    own = targets - targets @ torch.linalg.pinv(common) @ common  # the part outside the common directions
+    assert share(narrowed, own) > 0.8  # (whitening by the prior tilts the directions a little)
+    assert contrast_basis(targets, prior, 1e9).shape[1] == 0  # nothing passes an absurd contrast
+
+
 def test_projected_update_leaves_other_rows_drawn_as_before():
     g = torch.Generator().manual_seed(1)
     D, out = 24, 16
@@ -41,6 +71,20 @@ def test_projected_update_leaves_other_rows_drawn_as_before():
     other = torch.randn(D, generator=g)
     other = other - P @ other
     torch.testing.assert_close(W @ other, W0 @ other, atol=1e-4, rtol=0)
+
+
+def test_limit_change_caps_the_targets_change_and_keeps_its_direction():
+    g = torch.Generator().manual_seed(3)
+    rows, W0 = torch.randn(7, 16, generator=g), torch.randn(12, 16, generator=g)
+    dW = 5 * torch.randn(12, 16, generator=g)
+    W = W0 + dW
+    before = limit_change(W, W0, rows, 0.5)
+    assert before == pytest.approx(float((rows @ dW.T).norm() / (rows @ W0.T).norm()), rel=1e-5) and before > 0.5
+    assert relative_change(W, W0, rows) == pytest.approx(0.5, rel=1e-5)
+    torch.testing.assert_close(W - W0, dW * (0.5 / before), atol=1e-5, rtol=0)  # scaled, not turned
+    W2 = W.clone()
+    assert limit_change(W2, W0, rows, 1.0) == pytest.approx(0.5, rel=1e-5)
+    torch.testing.assert_close(W2, W)  # within the budget: untouched
 
 
 def test_bad_outer_rows_is_a_clear_error():
@@ -74,6 +118,31 @@ def test_selective_immunization_keeps_the_empty_prompt_exact(toy_pipe_factory):
     assert moved > 1e-3, moved
     assert still <= 1e-3 * moved, (still, moved)
     assert prefix <= 1e-3 * moved, (prefix, moved)
+
+
+def test_kv_budget_holds_in_a_real_run_and_is_logged(toy_pipe_factory):
+    """With kv_budget, no layer's K/V outputs on the targets' rows move by more than the budget, and the
+    result logs the change each step asked for (which the budget then scaled back)."""
+    from mima_lib.method.immunize import immunize
+    from mima_lib.method.text_tokens import encode_prompt_tokens
+    from mima_lib.toy import world
+
+    with pytest.raises(ValueError, match="kv_budget"):
+        ImmunizeConfig(kv_budget=1.0).validate()  # needs outer_rows: targets
+    with pytest.raises(ValueError, match="kv_budget"):
+        ImmunizeConfig.toy(kv_budget=0.0).validate()
+    pipe = toy_pipe_factory()
+    target = world.concept("cat").prompt
+    kv = {n: m.weight for n, m in pipe.unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))}
+    before = {n: w.detach().clone() for n, w in kv.items()}
+    cfg = ImmunizeConfig.toy(steps=3, kv_budget=0.02, diagnose_every=0)
+    res = immunize(pipe, {target: world.render_many("cat", 2)}, {world.concept("dog").prompt:
+                   world.render_many("dog", 2)}, cfg=cfg, progress=False)
+    rows = encode_prompt_tokens(pipe, [target], include_padding=True)[0].detach()
+    changes = [relative_change(kv[n].detach(), before[n], rows) for n in kv]
+    assert max(changes) <= 0.02 * 1.001, changes
+    assert max(changes) > 0.019  # the ascent reaches the budget
+    assert len(res.target_kv_change) == 3 and res.target_kv_change[-1] > 0.02  # it asked for more
 
 
 def test_protect_prompts_need_the_selective_update():

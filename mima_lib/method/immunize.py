@@ -56,6 +56,9 @@ class ImmunizeResult:
     extras: list[dict] = field(default_factory=list)  # per step: 'target' (mean upper concept loss), 'prior'
     seconds_per_step: float = float("nan")
     resumed_from: int = 0
+    # outer_rows='targets': per step, the largest relative change of the targets' K/V outputs over the layers
+    # (before kv_budget scales it back); what untargeted prompts lose grows with it (method/selective.py)
+    target_kv_change: list[float] = field(default_factory=list)
 
 
 def bilevel_loss(prob: Problem, step: int, gen: torch.Generator, comm=None):
@@ -86,18 +89,29 @@ def immunize(pipe, concept_images: dict, reg_images=None, reg_prompt: str | None
     tcfg = TrainConfig(steps=total, lr=cfg.outer_lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
                        clip_grad=cfg.clip_grad, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
                        desc=f"{cfg.method} (order {cfg.order})")
-    step_hook = on_step
+    step_hook, kv_change = on_step, []
     if cfg.outer_rows == "targets":  # selective: project every K/V update onto the targets' own rows
         from .merge import is_cross_attention_kv
-        from .selective import project_update, target_row_projector
+        from .selective import limit_change, project_update, target_row_projector
+        from .text_tokens import encode_prompt_tokens
 
         P = target_row_projector(pipe, list(prob.prompts), [p for p in prob.reg_prompts if p],
-                                 protect_prompts=list(cfg.protect_prompts)).to(unet.device)
+                                 protect_prompts=list(cfg.protect_prompts), contrast=cfg.row_contrast)
+        P = P.to(unet.device)
+        if not float(torch.trace(P)) > 0.5:
+            raise ValueError(f"no direction of the targets' text rows has row_contrast={cfg.row_contrast} times the "
+                             "energy of the prior prompts' rows: lower row_contrast (0 keeps every owned row)")
         kv = {k: prob.params[k].detach().clone() for k in prob.outer_names if is_cross_attention_kv(k)}
+        with torch.no_grad():
+            target_rows = torch.cat(encode_prompt_tokens(pipe, list(prob.prompts), include_padding=True))
+        target_rows = target_rows.to(unet.device)
 
         def step_hook(step):
+            changes = []
             for k, w0 in kv.items():
                 project_update(prob.params[k], w0, P)
+                changes.append(limit_change(prob.params[k], w0, target_rows, cfg.kv_budget or float("inf")))
+            kv_change.append(max(changes))  # before the budget's scaling
             if on_step is not None:
                 on_step(step)
     saved_rg = {n: p.requires_grad for n, p in unet.named_parameters()}
@@ -119,7 +133,7 @@ def immunize(pipe, concept_images: dict, reg_images=None, reg_prompt: str | None
     ran = total - out.resumed_from
     return ImmunizeResult(pipe, cfg, {k: prob.params[k].detach().clone() for k in prob.outer_names},
                           list(prob.prompts), list(prob.reg_prompts), out.losses, out.extras,
-                          elapsed / ran if ran else float("nan"), out.resumed_from)
+                          elapsed / ran if ran else float("nan"), out.resumed_from, kv_change)
 
 
 def save_immunized(result: ImmunizeResult, folder, cfg: ImmunizeConfig | None = None) -> Path:
@@ -135,6 +149,7 @@ def save_immunized(result: ImmunizeResult, folder, cfg: ImmunizeConfig | None = 
             "reg_prompts": result.reg_prompts, "parameters": len(result.params),
             "numel": int(sum(v.numel() for v in result.params.values())),
             "steps_run": len(result.losses), "seconds_per_step": result.seconds_per_step,
+            "target_kv_change": result.target_kv_change,
             "final_extras": result.extras[-1] if result.extras else {},
             "diagnostics": diagnostics(result.extras)}
     (folder / "immunize.json").write_text(json.dumps(info, indent=1))

@@ -55,6 +55,13 @@ class ImmunizeConfig:
     # share them. Personalization gives the instances' classes ("a photo of a cat" for "a photo of <new1> cat"):
     # the instance is protected, its class stays drawable (measured: README, "The seed grid")
     protect_prompts: list[str] = field(default_factory=list)
+    # with outer_rows='targets': keep only the directions of the targets' rows with at least this many times the
+    # energy of the kept (prior) prompts' rows (0: every owned row). What leaks onto untargeted prompts is what
+    # their rows share with the targets'; the prior's rows show what every prompt carries (method/selective.py)
+    row_contrast: float = 0.0
+    # with outer_rows='targets': the most the targets' K/V outputs may move, relative to their norm, per layer
+    # (None: no limit). Untargeted prompts lose about this times their overlap with the targets' rows
+    kv_budget: float | None = None
     batch_size: int = 1  # images per concept (and per regularization prompt) in each batch
     hflip: bool = False  # add mirrored copies of every image (the reference code flips at random)
     lora_rank: int = 4  # only for inner_params='lora'
@@ -124,6 +131,11 @@ class ImmunizeConfig:
         if self.protect_prompts and self.outer_rows != "targets":
             raise ValueError(f"protect_prompts {list(self.protect_prompts)} act on the selective update only; set "
                              "outer_rows: targets, or leave protect_prompts out")
+        if self.kv_budget is not None and (self.outer_rows != "targets" or not self.kv_budget > 0):
+            raise ValueError(f"kv_budget must be > 0 and needs outer_rows: targets, got {self.kv_budget!r} with "
+                             f"outer_rows {self.outer_rows!r}; or leave kv_budget out (no limit)")
+        if not self.row_contrast >= 0:
+            raise ValueError(f"row_contrast must be >= 0 (0: no narrowing), got {self.row_contrast!r}")
         if self.outer_rows == "targets" and self.hypergrad == "hvp":
             raise ValueError("outer_rows='targets' is implemented for hypergrad='autograd' only")
         if self.concept_reduction not in ("mean", "sum"):
