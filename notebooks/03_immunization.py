@@ -95,6 +95,13 @@
 # personalization the rows of each instance's class ("a photo of a cat" for "a photo of <new1> cat") are taken
 # out of $P$ too (`protect_prompts`): the instance is protected, and its class stays drawable.
 #
+# "Nearly so" has a size. An untargeted prompt's rows $c$ change by $(W - W_0)Pc$: their overlap with the targets'
+# span times how far the targets' keys and values moved. On the toy's 128-d text states the overlap is about what
+# random directions have (a few percent to a tenth), and 45 steps move the targets' K/V outputs to about 8 times
+# their norm, so an untargeted object can move by half of its own norm and be lost. `kv_budget` caps the targets'
+# change (`target_kv_change` in `immunize.json` logs it per step): with a cap of 2-3 no untargeted concept lost
+# anything, but the attacker re-learned the targets sooner (README, issue #14's bar 4).
+#
 # **What to look at.** Below, one iteration by hand: the inner steps' size, the merge's constraint residual
 # (zero to rounding for the merged weights, not for a plain average), the upper loss, and the exact
 # hypergradient against finite differences. Then the losses over the full run: the attacked model's loss on the
