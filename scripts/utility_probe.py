@@ -32,6 +32,7 @@ from mima_lib.experiment.config import immunize_config, run_dir_for  # noqa: E40
 from mima_lib.experiment.loading import load_experiment  # noqa: E402
 from mima_lib.experiment.stages.common import model_for  # noqa: E402
 from mima_lib.method.diffusion import generate  # noqa: E402
+from mima_lib.method.merge import is_cross_attention_kv  # noqa: E402
 from mima_lib.method.selective import relative_change, target_row_projector  # noqa: E402
 from mima_lib.method.text_tokens import encode_prompt_tokens  # noqa: E402
 from mima_lib.toy.oracle import load_toy_oracle  # noqa: E402
@@ -76,9 +77,9 @@ def main() -> None:
     P = target_row_projector(erased, info["concepts"], [p for p in info["reg_prompts"] if p],
                              protect_prompts=icfg.protect_prompts, contrast=icfg.row_contrast).double()
     print(f"{cfg.experiment}: targets {cfg.concepts}; selective span of rank {round(float(torch.trace(P)))}")
-    kv = [n for n, _ in erased.unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
-    W0 = {n: erased.unet.get_submodule(n).weight.detach() for n in kv}
-    W1 = {n: immunized.unet.get_submodule(n).weight.detach() for n in kv}
+    W0 = {n: w.detach() for n, w in erased.unet.named_parameters() if is_cross_attention_kv(n)}
+    W1 = {n: w.detach() for n, w in immunized.unet.named_parameters() if is_cross_attention_kv(n)}
+    kv = list(W0)
 
     def kv_change(prompt: str) -> float:
         with torch.no_grad():

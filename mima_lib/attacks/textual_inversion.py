@@ -56,7 +56,9 @@ class TextualInversionSettings:
         for 100 steps: 0.62 / 0.94 / 0.81; three for 100: 0.62 / 0.94 / 0.94, van gogh still rising).
         lr=0.3: with all six of issue #14's targets erased at once, lr 0.2 re-learned van gogh to 0.62 at best
         (cosine schedule 0.44, 4 vectors 0.62, lr 0.1 for 240 steps 0.44, batch 8 0.56, hflip 0.44); lr 0.3
-        reached cat / umbrella / car / van gogh / monet / mckernan 1.0 / 1.0 / 0.88 / 0.81 / 1.0 / 1.0."""
+        reached cat / umbrella / car / van gogh / monet / mckernan 1.0 / 1.0 / 0.88 / 0.81 / 1.0 / 1.0. On a set
+        no file uses (dog, fish, apple, tyler edlin, kilian eng, pablo picasso; seed 1) neither passes: two of
+        the three artists stay below 0.7 (lr 0.3: 0.50 / 1.0 / 0.44; lr 0.2: 0.88 / 0.69 / 0.31)."""
         return replace(cls(lr=3e-1, batch_size=4, num_vectors=3, steps=160,
                            snapshot_steps=(0, 20, 40, 60, 80, 100, 120, 140, 160)), **overrides)
 

@@ -92,7 +92,7 @@ def target_row_projector(pipe, target_prompts: list[str], kept_prompts: list[str
         rows = encode_prompt_tokens(pipe, list(target_prompts), include_padding=True)
         empty = encode_prompt_tokens(pipe, [""], include_padding=True)[0]
         protected = encode_prompt_tokens(pipe, list(protect_prompts), include_padding=True)
-        kept = encode_prompt_tokens(pipe, list(kept_prompts), include_padding=True)
+        kept = encode_prompt_tokens(pipe, list(kept_prompts), include_padding=True) if contrast > 0 else []
     length = rows[0].shape[0]
     ids = tok(list(target_prompts), padding="max_length", max_length=length, truncation=True).input_ids
     other_ids = tok(others, padding="max_length", max_length=length, truncation=True).input_ids
@@ -101,7 +101,7 @@ def target_row_projector(pipe, target_prompts: list[str], kept_prompts: list[str
         k = owned_positions(list(i), [list(o) for o in other_ids] + [list(t) for t in ids[:j] + ids[j + 1:]])
         owned.append(r[k:])
         shared.append(r[:k])
-    kept_rows = torch.cat([empty, *protected, *kept]).float()
+    kept_rows = torch.cat([empty, *protected, *kept]).float() if contrast > 0 else None
     return owned_row_projector(torch.cat(owned).float(), torch.cat(shared).float(), rtol, kept_rows,
                                contrast).float()
 
