@@ -372,8 +372,9 @@ def test_personalization_learns_a_new_instance(world):
 def test_dreambooth_keeps_the_unconditional_branch_and_relearns_an_erased_artist(world):
     """Full-UNet DreamBooth on 'an artwork of van gogh' alone also teaches the unconditional branch the style,
     and classifier-free guidance then subtracts it: measured on van gogh erased with five other concepts,
-    0.12 at guidance 5 against 0.44 at guidance 1 (step 60). The toy default's prior on the unconditional
-    prompt "" keeps that branch, and the erased artist comes back: measured 0.94 at step 60 (guidance 5).
+    0.06 at guidance 5 against 0.31 at guidance 1 (step 60, scripts/attack_probe.py). The toy default's prior
+    on the unconditional prompt "" keeps that branch, and the erased artist comes back: measured 0.94 at step
+    60 (guidance 5).
     Bounds: >= 0.6 with the prior (the best of steps 40 and 60); without it, at least 0.25 lower."""
     from mima_lib.experiment.config import ExperimentConfig
     from mima_lib.experiment.stages.erasure import uce_arguments

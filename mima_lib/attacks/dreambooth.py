@@ -48,12 +48,12 @@ class DreamBoothSettings:
         0.69. lr 1e-4 for 100 steps does not help the artists (0.06 / 0.38 / 0.69). On the first-build (v1)
         model it was seed-fragile on 'cat' (seeds 1 and 2: 0.06-0.25 up to step 60).
 
-        Why the artists failed, measured (2026-12-05, the same erased model, step 60): accuracy 0.44 / 0.44 /
-        0.62 at guidance 1, 0.12 / 0 / 0.12 at guidance 5, 0 / 0 / 0 at 7.5. Fine-tuning every UNet weight on
-        the conditional prompt alone teaches the unconditional branch the style too, and guidance subtracts
-        it. So the toy default keeps that branch: prior preservation on the unconditional prompt "" with 20
-        of the model's own unconditional generations (van gogh / monet / mckernan 0.94 / 0.94 / 1.0 at step
-        60, best of steps 20-60, guidance 5; with the class prompt "artwork" 0.38 / 0.75 / 0.44)."""
+        Why the artists failed, measured (2026-12-05, six concepts erased, step 60, scripts/attack_probe.py):
+        van gogh 0.31 at guidance 1, 0.06 at guidance 5, 0 at 7.5. Fine-tuning every UNet weight on the
+        conditional prompt alone teaches the unconditional branch the style too, and guidance subtracts it.
+        So the toy default keeps that branch: prior preservation on the unconditional prompt "" with 20 of
+        the model's own unconditional generations (van gogh / monet / mckernan 0.94 / 0.94 / 1.0, best
+        snapshot, guidance 5, scripts/toy_bars.py; with the class prompt "artwork" van gogh 0.31)."""
         return replace(cls(lr=5e-5, batch_size=4, steps=60, prior_preservation=True, class_prompt=""), **overrides)
 
 
