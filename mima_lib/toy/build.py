@@ -3,6 +3,7 @@ the UNet and the oracle.
 
     python -m mima_lib.toy.build --out mima_lib/toy/assets --seed 0         # everything (see the README's time)
     python -m mima_lib.toy.build --stage oracle                             # one stage
+    python -m mima_lib.toy.build --out DIR --text-dim 256 --text-spread 300  # the v3 candidate (README)
 
 Each stage checkpoints into <out>/_work and resumes if interrupted. The text encoder is pretrained first and
 then frozen, as CLIP is for Stable Diffusion (mima_lib.toy.text says why and what for); the UNet learns to
@@ -33,6 +34,7 @@ ASSETS = Path(__file__).parent / "assets"
 @dataclass
 class BuildConfig:
     seed: int = 0
+    text_dim: int = toymodel.ToyModelConfig.text_dim  # width of the text states (and of attn2's K/V inputs)
     images_per_prompt: int = 300
     vae_steps: int = 800
     vae_batch: int = 32
@@ -132,7 +134,7 @@ def build(out: Path, cfg: BuildConfig, stages: list[str], progress: bool = True)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     report = {"config": asdict(cfg)}
-    pipe = toymodel.build_pipeline(seed=cfg.seed)
+    pipe = toymodel.build_pipeline(toymodel.ToyModelConfig(text_dim=cfg.text_dim), seed=cfg.seed)
     if "text" in stages:
         t0 = time.time()
         report["text_statistics_before"] = text_statistics(pipe.tokenizer, pipe.text_encoder)

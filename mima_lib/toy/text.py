@@ -140,6 +140,27 @@ def text_statistics(tok, encoder) -> dict[str, float]:
             "template_vs_owned_max_cos": float(template.max())}
 
 
+def span_share(tok, encoder, targets: list[str], others: list[str], rtol: float = 1e-3) -> dict[str, float]:
+    """For each concept of ``others``: the part of its owned rows' norm (name, EOS, padding, in its own prompt)
+    inside the span of the ``targets``' owned rows. MIMA's selective update may move K/V only inside that span
+    (method/selective.py), so this is how much of it leaks onto an untargeted concept: what it loses grows with
+    the targets' K/V change times this share (issue #14's bar 4). A text encoder can be judged by it before
+    any UNet is trained on it (scripts/text_overlap.py)."""
+    names = list(targets) + list(others)
+    with torch.no_grad():
+        h, e = _rows(tok, encoder, [world.concept(c).prompt for c in names])
+    rows, owner = _labelled_rows(tok, h, e, names, list(range(len(names))))
+    rows = rows.double()
+    own = rows[(owner >= 0) & (owner < len(targets))]
+    u, s, _ = torch.linalg.svd(own.T, full_matrices=False)
+    basis = u[:, s > rtol * s.max()]
+    out = {}
+    for j, c in enumerate(others):
+        r = rows[owner == len(targets) + j]
+        out[c] = float((r @ basis).norm() / r.norm())
+    return out
+
+
 TEMPLATE = -1  # the label of the rows before a concept's name: BOS and the template's words, shared by prompts
 # prompts without a concept, whose rows from EOS on are their own: what the spread keeps apart from concepts too
 GENERIC = ("", "artwork", "a photo of an object", "a photo of a", "an artwork of")

@@ -1,0 +1,77 @@
+"""How much of the targets' text span an untargeted concept's rows share: judge a toy text encoder before any
+UNet is trained on it (issue #14's bar 4).
+
+    python scripts/text_overlap.py mima_lib/toy/assets/toy_sd                      # the committed encoder
+    python scripts/text_overlap.py BUILD/_work/text_final.pt --text-dim 256        # a build's text stage
+    python scripts/text_overlap.py --pretrain --text-dim 256 --spread 300          # pretrain a candidate first
+
+MIMA's selective update moves cross-attention K/V only along the targets' own rows, so an untargeted concept
+moves by about the targets' K/V change times its share of that span (`mima_lib.toy.text.span_share`); on the
+v2 model (128-d, spread 30) the shares were 0.21-0.32 and the 45 default steps, which push the targets' K/V to
+5-9 times their norm, lost cup. Prints `text_statistics` and the share of each untargeted concept.
+"""
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from mima_lib.toy.model import ToyModelConfig
+from mima_lib.toy.text import build_text_encoder, build_tokenizer, pretrain_text_encoder, span_share, text_statistics
+
+TARGETS = ["cat", "umbrella", "car", "van gogh", "claude monet", "kelly mckernan"]
+OTHERS = ["cup", "flower", "kirbi fagan", "tyler edlin", "katsushika hokusai", "dog", "pablo picasso", "boat"]
+
+
+def load_encoder(source: str | None, text_dim: int, tok):
+    if source is None:
+        return build_text_encoder(tok, ToyModelConfig(text_dim=text_dim), 0)
+    path = Path(source)
+    if path.is_dir():
+        from transformers import CLIPTextModel
+
+        folder = path / "text_encoder" if (path / "text_encoder").is_dir() else path
+        return CLIPTextModel.from_pretrained(folder, torch_dtype=torch.float32)
+    if not path.is_file():
+        raise SystemExit(f"{source}: no such model folder or text-stage checkpoint (text_final.pt)")
+    enc = build_text_encoder(tok, ToyModelConfig(text_dim=text_dim), 0)
+    try:
+        enc.load_state_dict(torch.load(path))
+    except RuntimeError as err:
+        raise SystemExit(f"{source} does not fit a {text_dim}-d encoder; pass its --text-dim ({err})") from None
+    return enc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("source", nargs="?", help="a toy model folder, its text_encoder folder, or a text_final.pt")
+    ap.add_argument("--text-dim", type=int, default=ToyModelConfig.text_dim)
+    ap.add_argument("--pretrain", action="store_true", help="pretrain (from source, or a fresh init) first")
+    ap.add_argument("--spread", type=float, default=30.0, help="--pretrain: weight of the spread term")
+    ap.add_argument("--steps", type=int, default=3000, help="--pretrain: steps")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--targets", nargs="+", default=TARGETS)
+    ap.add_argument("--others", nargs="+", default=OTHERS)
+    args = ap.parse_args()
+    if args.source is None and not args.pretrain:
+        ap.error("give a source, or --pretrain to train a fresh encoder")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    tok = build_tokenizer(max_tokens=ToyModelConfig.max_tokens)
+    enc = load_encoder(args.source, args.text_dim, tok)
+    if args.pretrain:
+        t0 = time.time()
+        pretrain_text_encoder(tok, enc, args.steps, seed=args.seed, progress=False, spread_weight=args.spread)
+        print(f"pretrained {args.steps} steps (spread {args.spread}) in {time.time() - t0:.0f} s")
+    enc.eval()
+    dim = enc.config.hidden_size
+    stats = text_statistics(tok, enc)
+    print(json.dumps({"text_dim": dim, **{k: round(v, 4) for k, v in stats.items()}}))
+    share = span_share(tok, enc, args.targets, args.others)
+    print(f"share of the targets' span ({', '.join(args.targets)}), text_dim {dim}:")
+    print("  " + ", ".join(f"{c} {v:.3f}" for c, v in share.items()) + f"; max {max(share.values()):.3f}")
+
+
+if __name__ == "__main__":
+    main()
