@@ -3,7 +3,7 @@ UNet is trained on it (issue #14's bar 4).
 
     python scripts/text_overlap.py mima_lib/toy/assets/toy_sd                      # the committed encoder
     python scripts/text_overlap.py BUILD/_work/text_final.pt --text-dim 256        # a build's text stage
-    python scripts/text_overlap.py --pretrain --text-dim 256 --spread 300          # pretrain a candidate first
+    python scripts/text_overlap.py --pretrain --text-dim 256 --spread 300 --save F # pretrain a candidate first
 
 MIMA's selective update moves cross-attention K/V only along the targets' own rows, so an untargeted concept
 moves by about the targets' K/V change times its share of that span (`mima_lib.toy.text.span_share`); on the
@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--targets", nargs="+", default=TARGETS)
     ap.add_argument("--others", nargs="+", default=OTHERS)
+    ap.add_argument("--save", help="write the encoder's state dict here (a SOURCE for later runs, with --text-dim)")
     args = ap.parse_args()
     if args.source is None and not args.pretrain:
         ap.error("give a source, or --pretrain to train a fresh encoder")
@@ -65,6 +66,8 @@ def main() -> None:
         pretrain_text_encoder(tok, enc, args.steps, seed=args.seed, progress=False, spread_weight=args.spread)
         print(f"pretrained {args.steps} steps (spread {args.spread}) in {time.time() - t0:.0f} s")
     enc.eval()
+    if args.save:
+        torch.save(enc.state_dict(), args.save)
     dim = enc.config.hidden_size
     stats = text_statistics(tok, enc)
     print(json.dumps({"text_dim": dim, **{k: round(v, 4) for k, v in stats.items()}}))
