@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import CLIPTokenizer
 
 from mima_lib.toy.model import ToyModelConfig
 from mima_lib.toy.text import build_text_encoder, build_tokenizer, pretrain_text_encoder, span_share, text_statistics
@@ -59,7 +60,9 @@ def main() -> None:
     if args.source is None and not args.pretrain:
         ap.error("give a source, or --pretrain to train a fresh encoder")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    tok = build_tokenizer(max_tokens=ToyModelConfig.max_tokens)
+    folder = Path(args.source or "") / "tokenizer"
+    tok = (CLIPTokenizer.from_pretrained(folder) if args.source and folder.is_dir()  # a model folder's own
+           else build_tokenizer(max_tokens=ToyModelConfig.max_tokens))
     enc = load_encoder(args.source, args.text_dim, tok)
     if args.pretrain:
         t0 = time.time()

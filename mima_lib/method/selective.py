@@ -28,7 +28,8 @@ from torch import Tensor
 
 from .text_tokens import encode_prompt_tokens
 
-__all__ = ["owned_positions", "contrast_basis", "owned_row_projector", "target_row_projector", "project_update",
+__all__ = ["owned_positions", "row_basis", "contrast_basis", "owned_row_projector", "target_row_projector",
+           "project_update",
            "relative_change", "limit_change"]
 
 
@@ -44,7 +45,7 @@ def owned_positions(ids: list[int], others: list[list[int]]) -> int:
     return start
 
 
-def _basis(rows: Tensor, rtol: float) -> Tensor:
+def row_basis(rows: Tensor, rtol: float) -> Tensor:
     """Orthonormal columns spanning ``rows`` (R x D), singular values below rtol * the largest dropped."""
     rows = rows.double()
     if rows.numel() == 0:
@@ -70,12 +71,12 @@ def owned_row_projector(owned: Tensor, shared: Tensor, rtol: float = 1e-3, kept:
                         contrast: float = 0.0) -> Tensor:
     """D x D projector onto span(owned rows) with the span of ``shared`` rows removed (float64); with ``kept``
     rows and contrast > 0, the owned rows are first narrowed to ``contrast_basis``."""
-    S = _basis(shared, 1e-6)
+    S = row_basis(shared, 1e-6)
     O = owned.T.double()
     if kept is not None and contrast > 0:
         O = contrast_basis(owned, kept, contrast)
     O = O - S @ (S.T @ O)
-    U = _basis(O.T, rtol)
+    U = row_basis(O.T, rtol)
     return U @ U.T
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..method.selective import row_basis
 from ..method.training import TrainConfig, train
 from . import world
 
@@ -151,9 +152,7 @@ def span_share(tok, encoder, targets: list[str], others: list[str], rtol: float 
         h, e = _rows(tok, encoder, [world.concept(c).prompt for c in names])
     rows, owner = _labelled_rows(tok, h, e, names, list(range(len(names))))
     rows = rows.double()
-    own = rows[(owner >= 0) & (owner < len(targets))]
-    u, s, _ = torch.linalg.svd(own.T, full_matrices=False)
-    basis = u[:, s > rtol * s.max()]
+    basis = row_basis(rows[(owner >= 0) & (owner < len(targets))], rtol)
     out = {}
     for j, c in enumerate(others):
         r = rows[owner == len(targets) + j]
