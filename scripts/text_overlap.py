@@ -1,14 +1,16 @@
 """How much of the targets' text span an untargeted concept's rows share: judge a toy text encoder before any
 UNet is trained on it (issue #14's bar 4).
 
-    python scripts/text_overlap.py mima_lib/toy/assets/toy_sd                      # the committed encoder
+    python scripts/text_overlap.py mima_lib/toy/assets/toy_sd --rtol 0.1           # the committed encoder (v4)
     python scripts/text_overlap.py BUILD/_work/text_final.pt --text-dim 256        # a build's text stage
     python scripts/text_overlap.py --pretrain --text-dim 256 --spread 300 --save F # pretrain a candidate first
 
 MIMA's selective update moves cross-attention K/V only along the targets' own rows, so an untargeted concept
-moves by about the targets' K/V change times its share of that span (`mima_lib.toy.text.span_share`); on the
-v2 model (128-d, spread 30) the shares were 0.21-0.32 and the 45 default steps, which push the targets' K/V to
-5-9 times their norm, lost cup. Prints `text_statistics` and the share of each untargeted concept.
+moves by about the targets' K/V change times its share of that span (`mima_lib.toy.text.span_share`, built as
+immunize() builds its projector; --rtol is ImmunizeConfig.row_rtol). On the v2 model (128-d, spread 30) the
+shares were 0.19-0.35 and the 45 default steps, which push the targets' K/V to 5-9 times their norm, lost cup;
+on v4 they are at most 0.009 (0.003 with --rtol 0.1). Prints `text_statistics` and each untargeted share.
+--pretrain with --span-weight 30 --hinge-weight 100 --spread 300 --text-dim 256 is v4's text stage.
 """
 import argparse
 import json
@@ -51,10 +53,13 @@ def main() -> None:
     ap.add_argument("--text-dim", type=int, default=ToyModelConfig.text_dim)
     ap.add_argument("--pretrain", action="store_true", help="pretrain (from source, or a fresh init) first")
     ap.add_argument("--spread", type=float, default=30.0, help="--pretrain: weight of the spread term")
+    ap.add_argument("--span-weight", type=float, default=0.0, help="--pretrain: > 0 the span spread (v4)")
+    ap.add_argument("--hinge-weight", type=float, default=0.0, help="--pretrain: with --span-weight")
     ap.add_argument("--steps", type=int, default=3000, help="--pretrain: steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--targets", nargs="+", default=TARGETS)
     ap.add_argument("--others", nargs="+", default=OTHERS)
+    ap.add_argument("--rtol", type=float, default=1e-3, help="the projector's rtol (ImmunizeConfig.row_rtol)")
     ap.add_argument("--save", help="write the encoder's state dict here (a SOURCE for later runs, with --text-dim)")
     args = ap.parse_args()
     if args.source is None and not args.pretrain:
@@ -66,7 +71,8 @@ def main() -> None:
     enc = load_encoder(args.source, args.text_dim, tok)
     if args.pretrain:
         t0 = time.time()
-        pretrain_text_encoder(tok, enc, args.steps, seed=args.seed, progress=False, spread_weight=args.spread)
+        pretrain_text_encoder(tok, enc, args.steps, seed=args.seed, progress=False, spread_weight=args.spread,
+                              span_weight=args.span_weight, hinge_weight=args.hinge_weight)
         print(f"pretrained {args.steps} steps (spread {args.spread}) in {time.time() - t0:.0f} s")
     enc.eval()
     if args.save:
@@ -74,8 +80,8 @@ def main() -> None:
     dim = enc.config.hidden_size
     stats = text_statistics(tok, enc)
     print(json.dumps({"text_dim": dim, **{k: round(v, 4) for k, v in stats.items()}}))
-    share = span_share(tok, enc, args.targets, args.others)
-    print(f"share of the targets' span ({', '.join(args.targets)}), text_dim {dim}:")
+    share = span_share(tok, enc, args.targets, args.others, args.rtol)
+    print(f"share of the targets' span ({', '.join(args.targets)}), text_dim {dim}, rtol {args.rtol}:")
     print("  " + ", ".join(f"{c} {v:.3f}" for c, v in share.items()) + f"; max {max(share.values()):.3f}")
 
 

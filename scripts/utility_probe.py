@@ -75,7 +75,8 @@ def main() -> None:
     # the projector immunize() used: the targets' prompts against the regularization prompts it recorded
     info, icfg = imm.runs["mima"], immunize_config(cfg, "mima")
     P = target_row_projector(erased, info["concepts"], [p for p in info["reg_prompts"] if p],
-                             protect_prompts=icfg.protect_prompts, contrast=icfg.row_contrast).double()
+                             protect_prompts=icfg.protect_prompts, contrast=icfg.row_contrast,
+                             rtol=icfg.row_rtol).double()
     print(f"{cfg.experiment}: targets {cfg.concepts}; selective span of rank {round(float(torch.trace(P)))}")
     W0 = {n: w.detach() for n, w in erased.unet.named_parameters() if is_cross_attention_kv(n)}
     W1 = {n: w.detach() for n, w in immunized.unet.named_parameters() if is_cross_attention_kv(n)}

@@ -58,6 +58,27 @@ def test_contrast_drops_what_every_prompt_carries_and_keeps_what_the_targets_own
     assert contrast_basis(targets, prior, 1e9).shape[1] == 0  # nothing passes an absurd contrast
 
 
+def test_rtol_drops_a_targets_weak_direction_that_is_another_concepts_main_one():
+    """A concept's rows are nearly rank one: name, EOS and padding differ only by small deviations. With a tiny
+    rtol the span keeps those weak directions in full, and a concept whose main direction lies along one of
+    them is inside the span although the targets' rows hardly carry it; row_rtol=0.1 leaves it out."""
+    g = torch.Generator().manual_seed(4)
+    D = 48
+    q = torch.linalg.qr(torch.randn(D, 8, generator=g)).Q.T  # orthonormal directions
+    # two targets: 6 rows each along their own direction, with a 3% deviation along q[2] / q[3]
+    targets = torch.cat([q[i] + 0.03 * torch.randn(6, 1, generator=g) * q[2 + i] for i in range(2)])
+    other = q[2] + 0.1 * q[5]  # an untargeted concept's main direction: one target's weak one
+    share = lambda P: float((other.double() @ P).norm() / other.double().norm())  # noqa: E731
+    empty = torch.zeros(0, D)
+    wide, narrow = owned_row_projector(targets, empty, rtol=1e-3), owned_row_projector(targets, empty, rtol=0.1)
+    assert round(float(torch.trace(wide))) == 4 and round(float(torch.trace(narrow))) == 2
+    assert share(wide) > 0.95 and share(narrow) < 0.05, (share(wide), share(narrow))
+    kept = float((targets.double() @ narrow).norm() / targets.double().norm())
+    assert kept > 0.99  # and the targets' own rows keep nearly all their norm in the narrowed span
+    with pytest.raises(ValueError, match="row_rtol"):
+        ImmunizeConfig(row_rtol=1.0).validate()
+
+
 def test_projected_update_leaves_other_rows_drawn_as_before():
     g = torch.Generator().manual_seed(1)
     D, out = 24, 16

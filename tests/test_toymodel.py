@@ -113,36 +113,64 @@ def test_committed_text_encoder_keeps_concepts_apart_and_names_context_free():
     assert s["owned_rows_max_cos_worst"] <= 0.35, s
 
 
-def test_span_share_is_one_for_a_target_and_bounded_for_the_others():
-    """span_share (what issue #14's bar 4 rests on): a target's own rows lie in the targets' span (share 1); an
-    untargeted concept's share is the part of its rows the selective update can move. Measured on the
-    committed 128-d model: 0.21-0.32 (scripts/text_overlap.py); a random encoder is far worse."""
+def test_span_share_is_high_for_a_target_and_bounded_for_the_others():
+    """span_share (what issue #14's bar 4 rests on): the part of a concept's owned rows that MIMA's selective
+    projector keeps. A target's own rows lie in it but for what the deflation against "" removes (measured
+    0.91); an untargeted concept's share is the part of its rows the update can move. Measured on the committed
+    128-d model: 0.19-0.35 (scripts/text_overlap.py); a random encoder's is larger."""
     from mima_lib.toy.model import ToyModelConfig
     from mima_lib.toy.text import build_text_encoder, span_share
 
     pipe = load_toy_pipeline()
     targets = ["cat", "umbrella", "car", "van gogh", "claude monet", "kelly mckernan"]
     share = span_share(pipe.tokenizer, pipe.text_encoder, targets, ["cat", "cup", "flower", "katsushika hokusai"])
-    assert abs(share["cat"] - 1.0) < 1e-6, share
-    assert max(share[c] for c in ("cup", "flower", "katsushika hokusai")) <= 0.35, share
+    assert share["cat"] >= 0.85, share
+    assert max(share[c] for c in ("cup", "flower", "katsushika hokusai")) <= 0.4, share
     random = build_text_encoder(pipe.tokenizer, ToyModelConfig(), seed=0).eval()
     rshare = span_share(pipe.tokenizer, random, targets, ["cup"])
-    assert rshare["cup"] > 2 * share["cup"], (rshare, share)
+    assert rshare["cup"] > 1.5 * share["cup"], (rshare, share)
 
 
-def test_v3_candidate_rows_overlap_less_than_the_committed_model():
-    """The v3 candidate (256-d text states, spread weight 300; issue #14's bar 4, README "A wider text encoder")
-    loads through SD's loader, and every untargeted concept's share of the six targets' span is at most 0.15
-    (measured 0.05-0.12), where the committed 128-d model's is 0.21-0.32."""
+def test_span_spread_pretraining_moves_owned_rows_out_of_the_generic_span():
+    """The v4 text objective (pretrain_text_encoder with span_weight > 0) lowers what it names: the owned rows'
+    squared share in the span of the generic prompts' rows (what the selective projector is deflated
+    against), the squared cosines of different concepts' rows outside it, and the largest such cosine.
+    40 steps on a 128-d encoder; measured 0.84 -> 0.04, 0.025 -> 0.002, hinge 0.19 -> 0.009."""
+    from mima_lib.toy import world
+    from mima_lib.toy.model import ToyModelConfig
+    from mima_lib.toy.text import _span_spread, build_text_encoder, build_tokenizer, pretrain_text_encoder
+
+    tok = build_tokenizer(max_tokens=16)
+    enc = build_text_encoder(tok, ToyModelConfig(text_dim=128), 0).eval()
+    with torch.no_grad():
+        _, before = _span_spread(tok, enc, world.all_concepts(), 0.0, 1.0, 1.0, 1.0)
+    pretrain_text_encoder(tok, enc, steps=40, progress=False, spread_weight=300, span_weight=30, hinge_weight=100)
+    with torch.no_grad():
+        _, after = _span_spread(tok, enc, world.all_concepts(), 0.0, 1.0, 1.0, 1.0)
+    assert after["in_generic_span"] < 0.1 * before["in_generic_span"], (before, after)
+    assert after["resid"] < 0.2 * before["resid"] and after["hinge"] < 0.2 * before["hinge"], (before, after)
+
+
+SETS = [["cat", "umbrella", "car", "van gogh", "claude monet", "kelly mckernan"],  # issue #14's bar set
+        ["dog", "fish", "apple", "tyler edlin", "kilian eng", "pablo picasso"],  # held out (README)
+        ["bird", "tree", "cup", "kirbi fagan", "thomas kinkade", "katsushika hokusai"]]
+
+
+@pytest.mark.parametrize("targets", SETS, ids=["bar-set", "held-out", "third"])
+def test_v4_candidate_rows_overlap_far_less_than_the_default_v2s(targets):
+    """The v4 candidate (assets/toy_sd_v4: 256-d text states, the span spread) against the committed default v2
+    (128-d, batch spread): with the projector at row_rtol 0.1, every other base concept's share of six targets'
+    span is at most 0.02 (measured 0.001-0.003), where v2's largest is over 0.1 (0.13-0.16). v4 loads through
+    SD's loader, and the bare name's rows stay aligned with the templated prompt's."""
+    from mima_lib.toy import world
     from mima_lib.toy.text import span_share, text_statistics
 
-    v3 = load_pipeline(TOY_MODEL.parent / "toy_sd_v3")
-    assert v3.text_encoder.config.hidden_size == 256 and v3.unet.config.cross_attention_dim == 256
-    targets = ["cat", "umbrella", "car", "van gogh", "claude monet", "kelly mckernan"]
-    others = ["cup", "flower", "kirbi fagan", "tyler edlin", "katsushika hokusai", "dog", "pablo picasso", "boat"]
-    share = span_share(v3.tokenizer, v3.text_encoder, targets, others)
-    assert max(share.values()) <= 0.15, share
-    v2 = load_toy_pipeline()
-    old = span_share(v2.tokenizer, v2.text_encoder, targets, others)
-    assert sum(share.values()) < 0.5 * sum(old.values()), (share, old)
-    assert text_statistics(v3.tokenizer, v3.text_encoder)["bare_vs_templated_aligned"] >= 0.98
+    v4, v2 = load_pipeline(TOY_MODEL.parent / "toy_sd_v4"), load_toy_pipeline()
+    assert v4.text_encoder.config.hidden_size == 256 and v4.unet.config.cross_attention_dim == 256
+    assert v2.text_encoder.config.hidden_size == 128
+    others = [c for c in world.BASE_OBJECTS + world.BASE_ARTISTS if c not in targets] + ["boat"]
+    new = span_share(v4.tokenizer, v4.text_encoder, targets, others, rtol=0.1)
+    old = span_share(v2.tokenizer, v2.text_encoder, targets, others, rtol=0.1)
+    assert max(new.values()) <= 0.02, new
+    assert max(old.values()) > 0.1, old
+    assert text_statistics(v4.tokenizer, v4.text_encoder)["bare_vs_templated_aligned"] >= 0.98

@@ -96,7 +96,8 @@ def immunize(pipe, concept_images: dict, reg_images=None, reg_prompt: str | None
         from .text_tokens import encode_prompt_tokens
 
         P = target_row_projector(pipe, list(prob.prompts), [p for p in prob.reg_prompts if p],
-                                 protect_prompts=list(cfg.protect_prompts), contrast=cfg.row_contrast)
+                                 protect_prompts=list(cfg.protect_prompts), contrast=cfg.row_contrast,
+                                 rtol=cfg.row_rtol)
         P = P.to(unet.device)
         if not float(torch.trace(P)) > 0.5:
             raise ValueError(f"no direction of the targets' text rows has row_contrast={cfg.row_contrast} times the "

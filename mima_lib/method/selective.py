@@ -12,7 +12,11 @@ so the unconditional branch of classifier-free guidance and every prompt whose r
 are drawn as before.
 
 How much an untargeted prompt still moves is its rows' overlap with the span times how far the targets' K/V
-move. Two options act on those (both off by default; measured in the README, issue #14's bar 4):
+move. ``rtol`` (ImmunizeConfig.row_rtol; 0.1 in the toy defaults) drops the span's weak directions: a concept's
+rows are nearly rank one, and a direction with a tenth of the largest singular value carries almost none of
+the targets' K/V but can be another concept's main one (on the toy's v3 model, an untargeted object's share of
+six targets' span 0.11 -> 0.06). Two more options act on the overlap and the push (off by default; measured in
+the README, issue #14's bar 4; on the v2 model):
 - ``contrast`` narrows the span to the directions v in which the owned rows' mean energy is at least
   ``contrast`` times the kept (prior) prompts' rows' (A v = lambda (B + ridge) v, A and B the rows' second
   moments): what every prompt carries drops out. On the toy, 6 targets: an untargeted object's row share in the

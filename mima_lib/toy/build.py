@@ -3,7 +3,8 @@ the UNet and the oracle.
 
     python -m mima_lib.toy.build --out mima_lib/toy/assets --seed 0         # everything (see the README's time)
     python -m mima_lib.toy.build --stage oracle                             # one stage
-    python -m mima_lib.toy.build --out DIR --text-dim 256 --text-spread 300  # the v3 candidate (README)
+    python -m mima_lib.toy.build --out DIR --text-dim 256 --text-spread 300 --text-span-weight 30 \
+        --text-hinge-weight 100                                             # the v4 candidate (assets/toy_sd_v4)
 
 Each stage checkpoints into <out>/_work and resumes if interrupted. The text encoder is pretrained first and
 then frozen, as CLIP is for Stable Diffusion (mima_lib.toy.text says why and what for); the UNet learns to
@@ -34,12 +35,17 @@ ASSETS = Path(__file__).parent / "assets"
 @dataclass
 class BuildConfig:
     seed: int = 0
+    # the defaults build the committed default (v2); the v4 candidate: --text-dim 256 --text-spread 300
+    # --text-span-weight 30 --text-hinge-weight 100 (README, "The embedded default")
     text_dim: int = toymodel.ToyModelConfig.text_dim  # width of the text states (and of attn2's K/V inputs)
     images_per_prompt: int = 300
     vae_steps: int = 800
     vae_batch: int = 32
     text_steps: int = 3000
     text_spread: float = 30.0  # weight of the text pretraining's orthogonality term (toy.text says why)
+    # > 0: the v4 spread (every concept each step, rows kept out of the generic prompts' span; toy.text)
+    text_span_weight: float = 0.0
+    text_hinge_weight: float = 0.0
     unet_steps: int = 3500
     unet_batch: int = 32
     unet_lr: float = 5e-4
@@ -140,7 +146,9 @@ def build(out: Path, cfg: BuildConfig, stages: list[str], progress: bool = True)
         report["text_statistics_before"] = text_statistics(pipe.tokenizer, pipe.text_encoder)
         report["text_statistics"] = pretrain_text_encoder(pipe.tokenizer, pipe.text_encoder, cfg.text_steps,
                                                           seed=cfg.seed, checkpoint_dir=work / "text",
-                                                          progress=progress, spread_weight=cfg.text_spread)
+                                                          progress=progress, spread_weight=cfg.text_spread,
+                                                          span_weight=cfg.text_span_weight,
+                                                          hinge_weight=cfg.text_hinge_weight)
         torch.save(pipe.text_encoder.state_dict(), work / "text_final.pt")
         report["text_s"] = round(time.time() - t0, 1)
     if "vae" in stages or "unet" in stages:
