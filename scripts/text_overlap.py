@@ -9,7 +9,7 @@ MIMA's selective update moves cross-attention K/V only along the targets' own ro
 moves by about the targets' K/V change times its share of that span (`mima_lib.toy.text.span_share`, built as
 immunize() builds its projector; --rtol is ImmunizeConfig.row_rtol). On the v2 model (128-d, spread 30) the
 shares were 0.19-0.35 and the 45 default steps, which push the targets' K/V to 5-9 times their norm, lost cup;
-on v4 they are at most 0.009 (0.003 with --rtol 0.1). Prints `text_statistics` and each untargeted share.
+on v4 at most 0.010 (0.004 with --rtol 0.1) over --three-sets. Prints `text_statistics` and each untargeted share.
 --pretrain with --span-weight 30 --hinge-weight 100 --spread 300 --text-dim 256 is v4's text stage.
 """
 import argparse
@@ -26,6 +26,10 @@ from mima_lib.toy.text import build_text_encoder, build_tokenizer, pretrain_text
 
 TARGETS = ["cat", "umbrella", "car", "van gogh", "claude monet", "kelly mckernan"]
 OTHERS = ["cup", "flower", "kirbi fagan", "tyler edlin", "katsushika hokusai", "dog", "pablo picasso", "boat"]
+# --three-sets: the README's table: the bar's targets, a held-out six, a third six; others = every other base
+# concept and boat
+SETS = [TARGETS, ["dog", "fish", "apple", "tyler edlin", "kilian eng", "pablo picasso"],
+        ["bird", "tree", "cup", "kirbi fagan", "thomas kinkade", "katsushika hokusai"]]
 
 
 def load_encoder(source: str | None, text_dim: int, tok):
@@ -59,6 +63,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--targets", nargs="+", default=TARGETS)
     ap.add_argument("--others", nargs="+", default=OTHERS)
+    ap.add_argument("--three-sets", action="store_true", help="the README's three target sets, every other concept")
     ap.add_argument("--rtol", type=float, default=1e-3, help="the projector's rtol (ImmunizeConfig.row_rtol)")
     ap.add_argument("--save", help="write the encoder's state dict here (a SOURCE for later runs, with --text-dim)")
     args = ap.parse_args()
@@ -80,9 +85,14 @@ def main() -> None:
     dim = enc.config.hidden_size
     stats = text_statistics(tok, enc)
     print(json.dumps({"text_dim": dim, **{k: round(v, 4) for k, v in stats.items()}}))
-    share = span_share(tok, enc, args.targets, args.others, args.rtol)
-    print(f"share of the targets' span ({', '.join(args.targets)}), text_dim {dim}, rtol {args.rtol}:")
-    print("  " + ", ".join(f"{c} {v:.3f}" for c, v in share.items()) + f"; max {max(share.values()):.3f}")
+    from mima_lib.toy import world
+
+    for targets in SETS if args.three_sets else [args.targets]:
+        others = ([c for c in world.BASE_OBJECTS + world.BASE_ARTISTS if c not in targets] + ["boat"]
+                  if args.three_sets else args.others)
+        share = span_share(tok, enc, targets, others, args.rtol)
+        print(f"share of the targets' span ({', '.join(targets)}), text_dim {dim}, rtol {args.rtol}:")
+        print("  " + ", ".join(f"{c} {v:.3f}" for c, v in share.items()) + f"; max {max(share.values()):.3f}")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,11 @@ The spread with ``span_weight`` > 0 (v4, issue #14's bar 4) is judged by what MI
 (:func:`span_share`). The batch spread sees only the pairs among 16 drawn concepts, and through the mean of
 squared cosines: many small cosines with the 16 rows of "" add up inside their span, the projector is deflated
 against that span, and what the deflation leaves of one concept's rows overlaps another's. v3 (256-d, batch
-spread 300): an untargeted concept kept 0.08-0.18 of its rows in six targets' span. The v4 spread (every
-concept at every step, rows kept out of the generic prompts' span, cosines of what is left, a hinge on the
-largest) gave 0.006-0.009 on three target sets, and 0.001-0.005 with the projector's rtol at 0.1.
+spread 300): an untargeted concept kept up to 0.17-0.22 of its rows in six targets' span (three target sets).
+The v4 spread (every concept at every step, rows kept out of the generic prompts' span, cosines of what is
+left, a hinge on the largest) gave at most 0.008-0.010, and 0.001-0.004 with the projector's rtol at 0.1
+(scripts/text_overlap.py --three-sets). It does not see the bare names' rows, which UCE edits: on v4 the
+template words' rows lie half inside their span, and UCE's reference settings move them (README, issue #14).
 Measured after pretraining, `toy.build` reports these statistics (text_statistics).
 """
 from __future__ import annotations
