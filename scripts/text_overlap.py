@@ -1,7 +1,8 @@
 """How much of the targets' text span an untargeted concept's rows share: judge a toy text encoder before any
 UNet is trained on it (issue #14's bar 4).
 
-    python scripts/text_overlap.py mima_lib/toy/assets/toy_sd --rtol 0.1           # the committed encoder (v4)
+    python scripts/text_overlap.py mima_lib/toy/assets/toy_sd                      # the committed default (v2)
+    python scripts/text_overlap.py mima_lib/toy/assets/toy_sd_v4 --three-sets --rtol 0.1  # the v4 candidate
     python scripts/text_overlap.py BUILD/_work/text_final.pt --text-dim 256        # a build's text stage
     python scripts/text_overlap.py --pretrain --text-dim 256 --spread 300 --save F # pretrain a candidate first
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer
 
+from mima_lib.toy import world
 from mima_lib.toy.model import ToyModelConfig
 from mima_lib.toy.text import build_text_encoder, build_tokenizer, pretrain_text_encoder, span_share, text_statistics
 
@@ -85,8 +87,6 @@ def main() -> None:
     dim = enc.config.hidden_size
     stats = text_statistics(tok, enc)
     print(json.dumps({"text_dim": dim, **{k: round(v, 4) for k, v in stats.items()}}))
-    from mima_lib.toy import world
-
     for targets in SETS if args.three_sets else [args.targets]:
         others = ([c for c in world.BASE_OBJECTS + world.BASE_ARTISTS if c not in targets] + ["boat"]
                   if args.three_sets else args.others)

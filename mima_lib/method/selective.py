@@ -12,10 +12,10 @@ so the unconditional branch of classifier-free guidance and every prompt whose r
 are drawn as before.
 
 How much an untargeted prompt still moves is its rows' overlap with the span times how far the targets' K/V
-move. ``rtol`` (ImmunizeConfig.row_rtol; 0.1 in the toy defaults) drops the span's weak directions: a concept's
-rows are nearly rank one, and a direction with a tenth of the largest singular value carries almost none of
-the targets' K/V but can be another concept's main one (on the toy's v3 model, an untargeted object's share of
-six targets' span 0.11 -> 0.06). Two more options act on the overlap and the push (off by default; measured in
+move. ``rtol`` (ImmunizeConfig.row_rtol, 1e-3 by default; 0.1 on the v4 toy candidate) drops the span's weak
+directions: a concept's rows are nearly rank one, and a direction with a tenth of the largest singular value
+carries almost none of the targets' K/V but can be another concept's main one (on the toy's v3 model, an
+untargeted object's share of six targets' span 0.11 -> 0.06). Two more options act on the overlap and the push (off by default; measured in
 the README, issue #14's bar 4; on the v2 model):
 - ``contrast`` narrows the span to the directions v in which the owned rows' mean energy is at least
   ``contrast`` times the kept (prior) prompts' rows' (A v = lambda (B + ridge) v, A and B the rows' second
@@ -33,8 +33,7 @@ from torch import Tensor
 from .text_tokens import encode_prompt_tokens
 
 __all__ = ["owned_positions", "row_basis", "contrast_basis", "owned_row_projector", "target_row_projector",
-           "project_update",
-           "relative_change", "limit_change"]
+           "project_update", "relative_change", "limit_change"]
 
 
 def owned_positions(ids: list[int], others: list[list[int]]) -> int:

@@ -230,8 +230,7 @@ def pretrain_text_encoder(tok, encoder, steps: int = 1500, batch: int = 16, lr: 
         rows, owner = _labelled_rows(tok, torch.cat([h, hg]), torch.cat([e, eg]),
                                      [concepts[i].name for i in which] + [""] * len(GENERIC),
                                      which + [len(concepts) + g for g in range(len(GENERIC))])
-        other = (owner[:, None] != owner[None, :]).float()
-        spread = ((rows @ rows.T).pow(2) * other).sum() / other.sum().clamp(min=1)
+        spread = _cross_cos2(rows, owner)
         return invariance + identity + spread_weight * spread, {
             "invariance": invariance.detach(), "identity": identity.detach(), "spread": spread.detach()}
 
@@ -241,14 +240,21 @@ def pretrain_text_encoder(tok, encoder, steps: int = 1500, batch: int = 16, lr: 
     return text_statistics(tok, encoder)
 
 
+def _cross_cos2(rows, owner, per_pair: bool = False):
+    """Mean squared cosine of the (unit) rows of different owners; with per_pair also the masked matrix."""
+    other = (owner[:, None] != owner[None, :]).float()
+    cos2 = (rows @ rows.T).pow(2) * other
+    mean = cos2.sum() / other.sum().clamp(min=1)
+    return (mean, cos2) if per_pair else mean
+
+
 def _span_spread(tok, encoder, concepts, base, spread_weight: float, span_weight: float, hinge_weight: float):
     """The v4 spread of :func:`pretrain_text_encoder` on every concept's own prompt; returns (loss, extras)."""
     h, e = _rows(tok, encoder, [c.prompt for c in concepts] + list(GENERIC))
     n = len(concepts)
     rows, owner = _labelled_rows(tok, h, e, [c.name for c in concepts] + [""] * len(GENERIC),
                                  list(range(n)) + [n + g for g in range(len(GENERIC))])
-    other = (owner[:, None] != owner[None, :]).float()
-    spread = ((rows @ rows.T).pow(2) * other).sum() / other.sum()
+    spread = _cross_cos2(rows, owner)
     # the generic prompts' rows, every position: the span the selective projector is deflated against
     S = F.normalize(h[n:].reshape(-1, h.shape[-1]), dim=1)
     G = S @ S.T
@@ -257,10 +263,7 @@ def _span_spread(tok, encoder, concepts, base, spread_weight: float, span_weight
     own, lab = rows[:n * h.shape[1]][mine >= 0], mine[mine >= 0]
     inside = (own @ S.T) @ torch.linalg.solve(G, S)
     out = (inside * own).sum(1).mean()  # mean squared share of an owned row in that span
-    rest = F.normalize(own - inside, dim=1)
-    apart = (lab[:, None] != lab[None, :]).float()
-    cos2 = (rest @ rest.T).pow(2) * apart
-    resid = cos2.sum() / apart.sum()
+    resid, cos2 = _cross_cos2(F.normalize(own - inside, dim=1), lab, per_pair=True)
     hinge = F.relu(cos2.max(1).values - 0.01).mean()  # each row's worst pair above cosine 0.1
     loss = base + spread_weight * (spread + resid) + span_weight * out + hinge_weight * hinge
     return loss, {"spread": spread.detach(), "in_generic_span": out.detach(), "resid": resid.detach(),
