@@ -1,17 +1,17 @@
 """How much of the targets' text span an untargeted concept's rows share: judge a toy text encoder before any
 UNet is trained on it (issue #14's bar 4).
 
-    python scripts/text_overlap.py mima_lib/toy/assets/toy_sd                      # the committed default (v2)
-    python scripts/text_overlap.py mima_lib/toy/assets/toy_sd_v4 --three-sets --rtol 0.1  # the v4 candidate
+    python scripts/text_overlap.py mima_lib/toy/assets/toy_sd --three-sets [--rtol 1e-3]  # the default (v4)
+    python scripts/text_overlap.py mima_lib/toy/assets/toy_sd_v2                   # the earlier v2
     python scripts/text_overlap.py BUILD/_work/text_final.pt --text-dim 256        # a build's text stage
-    python scripts/text_overlap.py --pretrain --text-dim 256 --spread 300 --save F # pretrain a candidate first
+    python scripts/text_overlap.py --pretrain --seed 1 --save F                    # pretrain a candidate first
 
 MIMA's selective update moves cross-attention K/V only along the targets' own rows, so an untargeted concept
 moves by about the targets' K/V change times its share of that span (`mima_lib.toy.text.span_share`, built as
 immunize() builds its projector; --rtol is ImmunizeConfig.row_rtol). On the v2 model (128-d, spread 30) the
 shares were 0.19-0.35 and the 45 default steps, which push the targets' K/V to 5-9 times their norm, lost cup;
 on v4 at most 0.010 (0.004 with --rtol 0.1) over --three-sets. Prints `text_statistics` and each untargeted share.
---pretrain with --span-weight 30 --hinge-weight 100 --spread 300 --text-dim 256 is v4's text stage.
+--pretrain with the defaults is v4's text stage (the build's defaults).
 """
 import argparse
 import json
@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer
 
+from mima_lib.method.problem import ImmunizeConfig
 from mima_lib.toy import world
+from mima_lib.toy.build import BuildConfig
 from mima_lib.toy.model import ToyModelConfig
 from mima_lib.toy.text import build_text_encoder, build_tokenizer, pretrain_text_encoder, span_share, text_statistics
 
@@ -58,15 +60,19 @@ def main() -> None:
     ap.add_argument("source", nargs="?", help="a toy model folder, its text_encoder folder, or a text_final.pt")
     ap.add_argument("--text-dim", type=int, default=ToyModelConfig.text_dim)
     ap.add_argument("--pretrain", action="store_true", help="pretrain (from source, or a fresh init) first")
-    ap.add_argument("--spread", type=float, default=30.0, help="--pretrain: weight of the spread term")
-    ap.add_argument("--span-weight", type=float, default=0.0, help="--pretrain: > 0 the span spread (v4)")
-    ap.add_argument("--hinge-weight", type=float, default=0.0, help="--pretrain: with --span-weight")
-    ap.add_argument("--steps", type=int, default=3000, help="--pretrain: steps")
+    # --pretrain's defaults are the build's (v4's text stage); v2's: --spread 30 --span-weight 0 --hinge-weight 0
+    ap.add_argument("--spread", type=float, default=BuildConfig.text_spread, help="--pretrain: the spread term's weight")
+    ap.add_argument("--span-weight", type=float, default=BuildConfig.text_span_weight,
+                    help="--pretrain: > 0 the span spread (v4)")
+    ap.add_argument("--hinge-weight", type=float, default=BuildConfig.text_hinge_weight,
+                    help="--pretrain: with --span-weight")
+    ap.add_argument("--steps", type=int, default=BuildConfig.text_steps, help="--pretrain: steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--targets", nargs="+", default=TARGETS)
     ap.add_argument("--others", nargs="+", default=OTHERS)
     ap.add_argument("--three-sets", action="store_true", help="the README's three target sets, every other concept")
-    ap.add_argument("--rtol", type=float, default=1e-3, help="the projector's rtol (ImmunizeConfig.row_rtol)")
+    ap.add_argument("--rtol", type=float, default=ImmunizeConfig.toy().row_rtol,
+                    help="the projector's rtol (ImmunizeConfig.row_rtol; the toy default)")
     ap.add_argument("--save", help="write the encoder's state dict here (a SOURCE for later runs, with --text-dim)")
     args = ap.parse_args()
     if args.source is None and not args.pretrain:

@@ -222,20 +222,25 @@ def test_save_and_load_only_the_changed_parameters(tmp_path):
 
 # ------------------------------------------------------------------------------------------ behaviour (trained toy)
 HELD_OUT = ["dog", "claude monet", "cup", "katsushika hokusai", "car"]  # trained, not immunized here
+PRIOR = ["tree", "fish", "pablo picasso"]  # tests/test_selectivity.py's
 
 
 @pytest.mark.skipif(not (TOY_MODEL / "model_index.json").exists(), reason="the trained toy model is not built yet")
 def test_mima_raises_merged_attack_loss_on_targets_and_spares_other_concepts(toy_pipe_factory):
-    """Tolerance: the targets' merged simulated-attack loss rises by >= 15% (measured on v2 with the toy
-    defaults, selective rows, 15 steps: +898% cat, +381% van gogh); every untargeted concept's plain loss moves
-    by <= 25% (measured: -0.1..+12.5%, hokusai the most) and on average by less than 60% of the targets' mean
-    rise. The same run with outer_rows='all' (the paper's free S_u) must damage them more: measured +49..+204%."""
+    """Tolerance: the targets' merged simulated-attack loss rises by >= 15% (measured on v4 with the toy
+    defaults, selective rows, 15 steps: +1668% cat, +558% van gogh; v2: +898% / +381%); every untargeted
+    concept's plain loss moves by <= 25% (measured: within 0.01%; v2: -0.1..+12.5%) and on average by less than
+    60% of the targets' mean rise. The same run with outer_rows='all' (the paper's free S_u) must damage them
+    more: measured +35..+212% (v2: +49..+204%)."""
     pipe = toy_pipe_factory()
     train_data = {toyworld.concept(c).prompt: toyworld.render_many(c, 8) for c in TARGETS}
     evaluation = {toyworld.concept(c).prompt: toyworld.render_many(c, 8, start_seed=1000) for c in TARGETS}
     held = {toyworld.concept(c).prompt: toyworld.render_many(c, 8, start_seed=1000) for c in HELD_OUT}
-    reg = {toyworld.GENERIC_OBJECT_PROMPT: toyworld.render_many("object", 8),
-           toyworld.GENERIC_ARTWORK_PROMPT: toyworld.render_many("artwork", 8)}
+    # the prior as the experiment layer gives it: other concepts of both kinds (data.regularization_concepts).
+    # They share the templates with the targets, so the selective rows start at the names; with the generic
+    # prompts alone ("artwork" shares nothing with "an artwork of van gogh") the rows of "an artwork of" count
+    # as van gogh's own, and on v4 their K/V moved 2.3x and hokusai's loss rose +105%
+    reg = {toyworld.concept(c).prompt: toyworld.render_many(c, 8) for c in PRIOR}
     cfg = ImmunizeConfig.toy(steps=15, order=2)
     caps = word_captions(exclude_names=TARGETS)  # the toy's C_reg, as the experiment layer gives it
     before, held_before = attack_losses(pipe, evaluation, cfg, caps)["merged"], concept_losses(pipe, held)

@@ -28,3 +28,16 @@ def test_heldout_concept_is_learnable_with_lora(toy_pipe_factory, toy_oracle):
     result = adaptability(toy_pipe_factory(), toy_oracle, "boat", n_eval=12)
     assert result["before"] <= 0.25, result
     assert result["after"] >= 0.6, result
+
+
+def test_oracle_answers_noise_for_noise_and_never_for_renders(toy_oracle):
+    """The "noise" label (toy.oracle.render_noise) is what keeps a broken model's output from being read as
+    the nearest concept (van gogh for blue noise). It must not swallow real pictures: no render of any
+    concept is read as noise, within its kind, where "noise" is always a candidate."""
+    from mima_lib.toy.oracle import NOISE, render_noise
+
+    noise = toy_oracle.predict([render_noise(60_000 + j) for j in range(40)], "artist")
+    assert np.mean([p == NOISE for p in noise]) >= 0.9, noise
+    for c in toyworld.BASE_OBJECTS + toyworld.BASE_ARTISTS:
+        pred = toy_oracle.predict(toyworld.render_many(c, 10, 60_000), toyworld.concept(c).kind)
+        assert NOISE not in pred, (c, pred)

@@ -36,10 +36,11 @@ PARAMS = {
 
 @pytest.mark.skipif(not (TOY_MODEL / "model_index.json").exists(), reason="the trained toy model is not built yet")
 def test_mima_on_two_concepts_resists_lora_and_spares_the_others(tmp_path):
-    """Measured (seed 0, one torch thread, 2026-12-04): at LoRA step 40 cat 0% / van gogh 12% on the immunized
-    model against 100% / 88% without immunization (with 30 immunization steps instead of the toy default 45:
-    cat 75%); dog and claude monet 100% on both models; embedding cosine of the untargeted generations,
-    erased vs immunized, lowest 0.89 (claude monet; dog 0.999; a generation against noise: 0.59-0.67).
+    """Measured on v4 (seed 0, one torch thread, 2026-12-06): at LoRA step 40 cat 0% / van gogh 0% on the
+    immunized model against 88% / 88% without immunization; dog and claude monet 100% on both models; embedding
+    cosine of the untargeted generations, erased vs immunized, lowest 0.99999 (v2, 2026-12-04: 0% / 12%, lowest
+    cosine 0.89; a generation against noise: 0.59-0.67). The immunized targets draw noise, which the oracle
+    reads as "noise" (its first version, without that label, read v4's as the target: cat 62%, van gogh 100%).
     Bounds: the targets' mean <= 30% (issue #14's bar) while the attack re-learns them on the erased model
     (>= 60% on average); each untargeted concept within 25 points of the erased model (n = 8, half the
     bar's 16: one image is 12.5 points); every untargeted pair's cosine >= SAME_IMAGE_COSINE."""

@@ -49,6 +49,9 @@ class EraseConfig:
     # prompt (ablations, see method/erase.py)
     # None: 'reference'
     token_positions: str | None = field(default=None, metadata={"choices": ("reference", "all", "concept", "eos")})
+    # 'reference' rows: also erase each target's prompt ("a photo of a cat") from its name's last token on, as
+    # well as the bare name. None: on the toy only (experiment/stages/erasure.py says why)
+    templated: bool | None = None
 
 
 @dataclass

@@ -12,7 +12,7 @@ so the unconditional branch of classifier-free guidance and every prompt whose r
 are drawn as before.
 
 How much an untargeted prompt still moves is its rows' overlap with the span times how far the targets' K/V
-move. ``rtol`` (ImmunizeConfig.row_rtol, 1e-3 by default; 0.1 on the v4 toy candidate) drops the span's weak
+move. ``rtol`` (ImmunizeConfig.row_rtol, 1e-3 by default; 0.1 in the toy defaults, ImmunizeConfig.toy) drops the span's weak
 directions: a concept's rows are nearly rank one, and a direction with a tenth of the largest singular value
 carries almost none of the targets' K/V but can be another concept's main one (on the toy's v3 model, an
 untargeted object's share of six targets' span 0.11 -> 0.06). Two more options act on the overlap and the push (off by default; measured in

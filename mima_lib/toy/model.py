@@ -30,7 +30,7 @@ class ToyModelConfig:
     """Sizes of the toy pipeline. The defaults are what the committed weights were trained with."""
 
     image_size: int = 32
-    text_dim: int = 128
+    text_dim: int = 256  # v4; v2 (assets/toy_sd_v2) had 128: README, "The embedded default", says why
     text_layers: int = 2
     max_tokens: int = 16
     token_init_std: float = 1.0  # large on purpose: distinct prompts must give distinct states from step 0

@@ -2,7 +2,10 @@
 
 It classifies an image into one of the toy world's concepts and its penultimate layer is a feature
 embedding. Accuracy is always measured within a concept's kind (objects among objects and instances,
-artists among artists), which makes chance 1/13 for objects and 1/10 for artists.
+artists among artists), which makes chance 1/13 for objects and 1/10 for artists. Besides the concepts and
+each kind's "nothing", the oracle has one label that every kind may answer: "noise" (render_noise), what a
+broken model draws. Without it, the oracle must pick a concept for noise, and read an immunized model's blue
+noise as van gogh (100% of 16, scripts/toy_bars.py on the v4 model).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ..evaluation.features import EmbeddingExtractor
@@ -23,6 +27,7 @@ from . import world
 
 # MIMA_TOY_ORACLE points at a rebuilt oracle (python -m mima_lib.toy.build --out DIR)
 TOY_ORACLE = Path(os.environ.get("MIMA_TOY_ORACLE", Path(__file__).parent / "assets" / "toy_oracle"))
+NOISE = "noise"  # the label (and kind) of render_noise's images
 
 
 class OracleNet(nn.Module):
@@ -64,10 +69,12 @@ class ToyOracle:
         return F.normalize(f, dim=1)
 
     def predict(self, images, kind: str | None = None) -> list[str]:
-        """Top-1 concept names; with kind, only among concepts of that kind ('object' covers instances)."""
+        """Top-1 concept names; with kind, only among concepts of that kind ('object' covers instances) and
+        "noise"."""
         logits = self.logits(images)
         if kind is not None:
-            allowed = torch.tensor([self._kind_group(k) == self._kind_group(kind) for k in self.kinds])
+            allowed = torch.tensor([k == NOISE or self._kind_group(k) == self._kind_group(kind)
+                                    for k in self.kinds])
             logits = logits.masked_fill(~allowed, float("-inf"))
         return [self.labels[i] for i in logits.argmax(1).tolist()]
 
@@ -152,15 +159,44 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def oracle_labels() -> tuple[list[str], list[str]]:
-    """(labels, kinds): every concept of the world, then 'no object' and 'no artwork' (world.NOTHING)."""
+    """(labels, kinds): every concept of the world, 'no object' and 'no artwork' (world.NOTHING), "noise"."""
     concepts = world.all_concepts()
-    return ([c.name for c in concepts] + list(world.NOTHING.values()),
-            [c.kind for c in concepts] + list(world.NOTHING))
+    return ([c.name for c in concepts] + list(world.NOTHING.values()) + [NOISE],
+            [c.kind for c in concepts] + list(world.NOTHING) + [NOISE])
+
+
+def render_noise(seed: int, size: int = 32) -> Image.Image:
+    """What a broken model draws: a colour field of one to three octaves of smooth random noise (4 to 16
+    cells a side, then 2 to 16), through a random colour map (two to four random colours, or one gain per channel),
+    saturated, sometimes with fine grain. It is no render of the world, so the oracle learns "noise" from
+    everything that has no object, backdrop or brushwork in it."""
+    rng = np.random.default_rng(seed + 7_919_000)
+    field = np.zeros((size, size, 1 if rng.uniform() < 0.6 else 3), np.float32)
+    for octave in range(int(rng.integers(1, 4))):
+        # no octave coarser than 4 cells alone: a smooth gradient is a photo's backdrop, not noise
+        cells = int(rng.choice([4, 6, 8, 12, 16] if octave == 0 else [2, 3, 4, 6, 8, 12, 16]))
+        coarse = rng.normal(size=(cells, cells, field.shape[2])).astype(np.float32)
+        up = np.stack([np.asarray(Image.fromarray(coarse[..., c]).resize(
+            (size, size), Image.BICUBIC if rng.uniform() < 0.7 else Image.NEAREST)) for c in range(field.shape[2])], -1)
+        field += rng.uniform(0.3, 1.0) * up
+    field = np.tanh(rng.uniform(0.7, 3.0) * field / (field.std() + 1e-6))  # saturated, in (-1, 1)
+    if field.shape[2] == 1:  # a random colour map along the field
+        k = int(rng.integers(2, 5))
+        colours = rng.uniform(0, 1, (k, 3)).astype(np.float32)
+        t = (field[..., 0] + 1) / 2 * (k - 1)
+        lo = np.clip(np.floor(t).astype(int), 0, k - 2)
+        w = (t - lo)[..., None]
+        rgb = (1 - w) * colours[lo] + w * colours[lo + 1]
+    else:
+        rgb = 0.5 + field * rng.uniform(0.2, 0.5, 3) + rng.uniform(-0.3, 0.3, 3)
+    if rng.uniform() < 0.4:
+        rgb = rgb + rng.uniform(0.03, 0.15) * rng.normal(size=rgb.shape)
+    return Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
 
 
 def render_labelled(per_concept: int, start_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """per_concept renders of every label: each concept, and images of no object / no artwork (twice as
-    many: they stand for everything that is not a concept)."""
+    """per_concept renders of every label: each concept, and images of no object / no artwork and noise
+    (twice as many: they stand for everything that is not a concept)."""
     images, labels = [], []
     concepts = world.all_concepts()
     for i, c in enumerate(concepts):
@@ -169,6 +205,8 @@ def render_labelled(per_concept: int, start_seed: int) -> tuple[torch.Tensor, to
     for i, kind in enumerate(world.NOTHING, start=len(concepts)):  # the order of oracle_labels()
         images += [world.render_nothing(kind, start_seed + j) for j in range(2 * per_concept)]
         labels += [i] * (2 * per_concept)
+    images += [render_noise(start_seed + j) for j in range(2 * per_concept)]
+    labels += [len(concepts) + len(world.NOTHING)] * (2 * per_concept)
     return images_to_tensor(images), torch.tensor(labels)
 
 
@@ -201,4 +239,7 @@ def held_out_accuracy(oracle: ToyOracle, per_concept: int = 30, start_seed: int 
             continue
         pred = oracle.predict([world.render_nothing(kind, start_seed + j) for j in range(per_concept)], kind)
         acc[label] = float(np.mean([p == label for p in pred]))
+    if NOISE in oracle.labels:
+        acc[NOISE] = float(np.mean([p == NOISE for p in oracle.predict(
+            [render_noise(start_seed + j) for j in range(per_concept)])]))
     return acc
