@@ -59,11 +59,12 @@ class TextualInversionSettings:
         reached cat / umbrella / car / van gogh / monet / mckernan 1.0 / 1.0 / 0.88 / 0.81 / 1.0 / 1.0. On a set
         no file uses (dog, fish, apple, tyler edlin, kilian eng, pablo picasso; seed 1) neither passes: two of
         the three artists stay below 0.7 (lr 0.3: 0.50 / 1.0 / 0.44; lr 0.2: 0.88 / 0.69 / 0.31).
-        steps=240 on the v4 model: with the six erased (UCE keeping the templates), 320 steps snapshotted every
-        40 re-learned cat / umbrella / car / monet / mckernan to 1.0 by step 160, van gogh to 0.62 at 160 and
-        0.81 at 240, then down to 0.25 at 320 (the constant lr overshoots; scripts/toy_bars.py --only relearn)."""
-        return replace(cls(lr=3e-1, batch_size=4, num_vectors=3, steps=240,
-                           snapshot_steps=tuple(range(0, 241, 20))), **overrides)
+        num_vectors=5, steps=320 on the v4 model: with the six erased as the erasure stage erases them, three
+        vectors for 240 steps re-learned van gogh to 0.44 at best (the other five 0.94-1.0); on van gogh alone
+        (20 renders, 16 generations): 3 / 4 / 5 / 6 / 8 vectors 0.44 / 0.62 / 0.69 / 0.69 / 0.56 by step 240, and
+        with 320 steps 4 / 5 / 6 vectors 0.69 / 0.94 / 0.81 (5 vectors for 400: 0.94 at 280-360, 0.88 at 400)."""
+        return replace(cls(lr=3e-1, batch_size=4, num_vectors=5, steps=320,
+                           snapshot_steps=tuple(range(0, 321, 40))), **overrides)
 
 
 def in_vocabulary(tokenizer, token: str) -> bool:
