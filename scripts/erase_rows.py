@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from mima_lib.experiment.config import EraseConfig, ExperimentConfig  # noqa: E402
 from mima_lib.experiment.stages.erasure import uce_arguments  # noqa: E402
 from mima_lib.method.erase import erase_concepts  # noqa: E402
+from mima_lib.method.selective import relative_change  # noqa: E402
 from mima_lib.method.text_tokens import encode_prompt_tokens  # noqa: E402
 from mima_lib.toy import world  # noqa: E402
 from mima_lib.toy.model import load_toy_pipeline  # noqa: E402
@@ -37,8 +38,7 @@ def template_row_change(pipe, before: dict) -> dict:
         for prompt in world.TEMPLATE_PROMPTS.values():
             rows = encode_prompt_tokens(pipe, prompt)[0]
             for i, word in enumerate(prompt.split(), start=1):
-                ch = [float(((pipe.unet.get_submodule(n).weight - W) @ rows[i]).norm() / (W @ rows[i]).norm())
-                      for n, W in before.items()]
+                ch = [relative_change(pipe.unet.get_submodule(n).weight, W, rows[i:i + 1]) for n, W in before.items()]
                 out[f"{prompt}[{i}] {word}"] = round(sum(ch) / len(ch), 3)
     return out
 

@@ -49,8 +49,8 @@ class EraseConfig:
     # prompt (ablations, see method/erase.py)
     # None: 'reference'
     token_positions: str | None = field(default=None, metadata={"choices": ("reference", "all", "concept", "eos")})
-    # 'reference' rows: also erase each target's prompt ("a photo of a cat") from its name's last token on, as
-    # well as the bare name. None: on the toy only (experiment/stages/erasure.py says why)
+    # 'reference' rows: also erase each target's prompt ("a photo of a cat", every row after BOS) as well as
+    # the bare name. None: on the toy only (experiment/stages/erasure.py says why)
     templated: bool | None = None
 
 
@@ -187,8 +187,9 @@ def erase_settings_used(cfg: ExperimentConfig) -> dict:
     """The erase section's values as the erasure runs them (defaults filled in). The toy erases as UCE's
     reference code does: its text encoder is pretrained so that a bare name's states match the templated
     prompt's (mima_lib.toy.text), which the first toy model's did not (it needed lam 8 on every position)."""
+    templated = cfg.erase.templated if cfg.erase.templated is not None else cfg.is_toy
     return {"lam": erase_lam(cfg), "token_positions": cfg.erase.token_positions or "reference",
-            "preserve_scale": cfg.erase.preserve_scale}
+            "preserve_scale": cfg.erase.preserve_scale, "templated": templated}
 
 
 def erase_lam(cfg: ExperimentConfig) -> float:

@@ -53,6 +53,7 @@ def uce_arguments(cfg: ExperimentConfig) -> dict:
     prompts. Preserved: erase.preserve (names or prompts), by default on the toy every other
     base concept of the world."""
     used = erase_settings_used(cfg)
+    templated = used.pop("templated")  # the others are erase_concepts arguments
     bare = used["token_positions"] == "reference"
     targets = [cfg.concept(c) for c in cfg.concepts]
     from ...toy import world  # the toy's default preserve list, and the prompts of its concepts
@@ -69,16 +70,15 @@ def uce_arguments(cfg: ExperimentConfig) -> dict:
         else:
             preserve.append(p)  # a prompt as written
     erase, guides = [c.name if bare else c.prompt for c in targets], [c.guide for c in targets]
-    templated = cfg.erase.templated if cfg.erase.templated is not None else cfg.is_toy
     if bare and templated:
         # Every row of "a photo of a cat" after BOS, paired as the bare name's (method/erase.reference_rows),
-        # so the template words are erased toward "" too. Why, on the v4 toy (README, "Erasure"): the bare
-        # names alone moved the "photo" row's K/V 4.2x, because the template words' rows lie 46-68% inside the
-        # span of six bare names' rows, and cup and flower lost their pictures (-100 points). Preserving the
-        # two templates kept them, but left cat at 31% (orange blobs; lam 0.05-0.5 alike): a causal encoder's
-        # name row after the template is not the bare one. With these rows the template rows map onto ""
-        # (K/V change 0.76-1.14), the six targets read 0-12%, and every other base concept is unchanged, on
-        # three target sets (16 generations each).
+        # so the template words are erased toward "" too. Why, on the v4 toy (scripts/erase_rows.py; README,
+        # "The embedded default"): the bare names alone moved the "photo" row's K/V 3.2x, because the template
+        # words' rows lie 46-68% inside the span of six bare names' rows, and 14 of the 15 other base concepts
+        # lost their pictures. Preserving the two templates kept them, but left cat at 31% (orange blobs; lam
+        # 0.05-0.5 alike): a causal encoder's name row after the template is not the bare one. With these rows
+        # the template rows map onto "" (K/V change 0.78-1.17), the six targets read 0-12%, and every other
+        # base concept is unchanged, on three target sets (16 generations each).
         erase, guides = erase + [c.prompt for c in targets], guides + guides
     return {"erase_prompts": erase, "guide_prompts": guides,
             "preserve_prompts": ([""] if bare else []) + preserve,
