@@ -114,6 +114,25 @@ def test_variant_settings():
     assert by_name["lora"]["steps"] == 4 and by_name["lora"]["seed"] == 5  # the plain attack is untouched
 
 
+def test_the_harmless_fine_tune_has_its_own_horizon_in_both_paths():
+    """evaluate.benign_steps sets the boat LoRA's steps in the notebook path (stages.attack) and in the grid's
+    benign cell alike; the targets' LoRA keeps the file's steps. default.yaml's 100: 60 steps read boat at
+    50% on a held-out seed with or without a defense (issue #14)."""
+    from mima_lib.experiment.grid_cells import benign_cell
+    from mima_lib.experiment.loading import load_experiment
+    from mima_lib.experiment.stages.attack import _settings, run_settings
+    from mima_lib.experiment.variants import cell_settings
+
+    cfg = load_experiment(PARAMS / "default.yaml")
+    boat, cat = run_settings(cfg, "boat", "lora", 1), run_settings(cfg, "cat", "lora", 1)
+    assert boat["steps"] == 100 and boat["snapshot_steps"] == [0, 20, 40, 60, 100] and boat["seed"] == 1
+    assert cat["steps"] == 60 and cat["snapshot_steps"] == [0, 20, 40, 60]
+    assert cell_settings(cfg, benign_cell(), 1) == boat
+    assert _settings(cfg, "boat", "lora", 1)["attack_settings"] == boat  # the manifest records it: a change reruns
+    unset = load_experiment(PARAMS / "default.yaml", ["evaluate.benign_steps=null"])
+    assert run_settings(unset, "boat", "lora", 1) == run_settings(unset, "cat", "lora", 1)
+
+
 def _mtimes(root: Path) -> dict:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("cell.json")}
 

@@ -83,6 +83,9 @@ class EvaluateConfig:
     # harmless fine-tuning: a LoRA on each of these non-target concepts, on every model; its SGR against the
     # non-immunized model says whether the immunized model can still learn new things (0 = as well)
     benign_concepts: list[str] = field(default_factory=list)
+    # its horizon (the LoRA's steps; snapshots: the attack's up to it, and it); None: the LoRA attack's steps.
+    # A concept the model never saw needs more steps than re-learning an erased one.
+    benign_steps: int | None = field(default=None, metadata={"min": 1})
 
 
 @dataclass
@@ -95,8 +98,6 @@ class GridSection:
     variants: list[str] = field(default_factory=list)
     # the variants' horizon (their attack's snapshot steps up to it); None: as long as the attack they strengthen
     variant_steps: int | None = field(default=None, metadata={"min": 1})
-    # the harmless fine-tune's horizon (LoRA on evaluate.benign_concepts); None: the file's LoRA steps
-    benign_steps: int | None = field(default=None, metadata={"min": 1})
     relearn_threshold: float = field(default=0.6, metadata={"min": 0.0, "max": 1.0})  # steps to re-learn
 
 

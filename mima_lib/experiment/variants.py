@@ -72,21 +72,20 @@ def attack_cells(cfg) -> list[AttackCell]:
 
 
 def cell_settings(cfg, cell: AttackCell, seed: int) -> dict:
-    """The settings dict one attack run of this cell gets (stages.attack.attack_settings, then the variant)."""
+    """The settings dict one attack run of this cell gets (stages.attack.attack_settings, then the variant;
+    the harmless fine-tune's: stages.attack.benign_settings)."""
     from ..attacks import make_settings
     from .config import attack_defaults
-    from .stages.attack import attack_settings
+    from .stages.attack import attack_settings, benign_settings, with_horizon
 
+    if cell.name == BENIGN:
+        return benign_settings(cfg, seed)
     s = attack_settings(cfg, cell.attack, seed)
-    horizon = cfg.grid.benign_steps if cell.name == BENIGN else cfg.grid.variant_steps
-    if not cell.is_variant and cell.name != BENIGN:
+    if not cell.is_variant:
         return s
     base = make_settings(cell.attack, dict(s), attack_defaults(cfg))
     if cell.lr_scale != 1.0:
         s["lr"] = float(base.lr) * cell.lr_scale
     if cell.rank is not None:
         s["rank"] = cell.rank
-    if horizon is not None:  # the variant's own horizon: the attack's snapshot steps up to it, and it
-        s["steps"] = horizon
-        s["snapshot_steps"] = sorted({int(x) for x in base.snapshot_steps if x <= horizon} | {horizon})
-    return s
+    return with_horizon(cfg, cell.attack, s, cfg.grid.variant_steps)  # the variant's own horizon

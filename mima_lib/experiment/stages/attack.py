@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...attacks import run_attack
+from ...attacks import make_settings, run_attack
 from ...attacks.data import MODIFIER_TOKEN
 from ...evaluation.plots import method_step_grid, plot_lines
 from ...method.tensor_io import atomic_write_text, load_tensors, save_tensors
@@ -39,6 +39,27 @@ def attack_settings(cfg: ExperimentConfig, method: str, seed: int) -> dict:
     if method == "custom_diffusion" and cfg.task == "personalization":
         s.setdefault("modifier_token", MODIFIER_TOKEN)
     return s
+
+
+def with_horizon(cfg: ExperimentConfig, method: str, settings: dict, horizon: int | None) -> dict:
+    """The settings run to `horizon` steps (None: unchanged), with the attack's snapshot steps up to it, and it."""
+    if horizon is None:
+        return settings
+    base = make_settings(method, dict(settings), attack_defaults(cfg))
+    return {**settings, "steps": horizon,
+            "snapshot_steps": sorted({int(x) for x in base.snapshot_steps if x <= horizon} | {horizon})}
+
+
+def benign_settings(cfg: ExperimentConfig, seed: int) -> dict:
+    """The harmless fine-tune's settings: the LoRA attack's, run to evaluate.benign_steps when set."""
+    return with_horizon(cfg, "lora", attack_settings(cfg, "lora", seed), cfg.evaluate.benign_steps)
+
+
+def run_settings(cfg: ExperimentConfig, concept: str, method: str, seed: int) -> dict:
+    """One run's attack settings: a benign concept's harmless LoRA has its own horizon."""
+    if concept in cfg.evaluate.benign_concepts:
+        return benign_settings(cfg, seed)
+    return attack_settings(cfg, method, seed)
 
 
 def sampling(cfg: ExperimentConfig) -> dict:
@@ -81,10 +102,10 @@ def jobs(cfg: ExperimentConfig) -> list[tuple[str, str, str, int]]:
     return out
 
 
-def _settings(cfg: ExperimentConfig, method: str, seed: int) -> dict:
+def _settings(cfg: ExperimentConfig, concept: str, method: str, seed: int) -> dict:
     """What one attack run's manifest records (a change of any of these redoes the run)."""
     return {**stage_settings(cfg, "erase", "data", "immunize"), "attack": method,
-            "attack_settings": attack_settings(cfg, method, seed), "n_images": cfg.attack.n_images,
+            "attack_settings": run_settings(cfg, concept, method, seed), "n_images": cfg.attack.n_images,
             **sampling(cfg)}
 
 
@@ -92,11 +113,11 @@ def attack(cfg: ExperimentConfig, run_dir: Path, force: bool = False) -> AttackS
     """Attack every model (no defense + each immunization method) on every concept, with every attack."""
     data = load_data(cfg, run_dir)
     snapshots = {}
-    todo = [job for job in jobs(cfg) if must_run(run_folder(run_dir, *job), _settings(cfg, job[2], job[3]), force)]
+    todo = [job for job in jobs(cfg) if must_run(run_folder(run_dir, *job), _settings(cfg, *job[1:]), force)]
     bar = Progress("attacks done", len(todo), log, every=1)  # one line per finished run, with the ETA
     for model, concept, method, seed in jobs(cfg):
         folder = run_folder(run_dir, model, concept, method, seed)
-        settings = _settings(cfg, method, seed)
+        settings = _settings(cfg, concept, method, seed)
         if (model, concept, method, seed) in todo:
             log(f"attack {method} (seed {seed}) on {model!r} for {concept!r}")
             remove_stale_temporaries(folder)  # what a killed earlier try left
@@ -104,7 +125,7 @@ def attack(cfg: ExperimentConfig, run_dir: Path, force: bool = False) -> AttackS
             prompt = attack_prompt(cfg, concept, method)
             n = cfg.attack.n_images
             result = run_attack(method, pipe, data.images[concept]["attack"], prompt,
-                                attack_settings(cfg, method, seed), defaults=attack_defaults(cfg),
+                                settings["attack_settings"], defaults=attack_defaults(cfg),
                                 snapshot_prompts=[prompt] * n, snapshot_seeds=list(range(n)), progress=False,
                                 checkpoint_dir=folder / "checkpoint", **sampling(cfg))
             save_tensors({str(k): v for k, v in result.snapshots.items()}, folder / "snapshots.safetensors")
