@@ -286,7 +286,7 @@ N_EVAL = 16  # generated images per snapshot (seeds 0..15): the same seeds befor
 SAMPLE_STEPS = 15
 GUIDANCE = 7.5  # SD's default guidance scale
 # Snapshot steps at which the re-learning tests read the oracle (each method's toy default step count last).
-EVAL_STEPS = {"lora": (40, 60, 100), "custom_diffusion": (20, 30, 40), "textual_inversion": (80, 160, 320),
+EVAL_STEPS = {"lora": (40, 60, 100), "custom_diffusion": (20, 30, 40), "textual_inversion": (160, 320, 640),
               "dreambooth": (40, 60)}
 
 
