@@ -65,9 +65,9 @@ class TextualInversionSettings:
         with 320 steps 4 / 5 / 6 vectors 0.69 / 0.94 / 0.81 (5 vectors for 400: 0.94 at 280-360, 0.88 at 400).
         steps=640: pablo picasso, erased with the held-out six, re-learns slowly and unevenly across the
         attacker's 20 renders: best by step 320 0.81 / 0.19 / 0.69 for three draws (the second is seed 1's),
-        best by step 640 0.94 / 0.94 on the two slow ones (lr 0.1, lr 0.2, lr 0.5, 8 vectors, hflip, a cosine
-        schedule or the initializer "artwork" did not help by 320; batch 8 reached 1.0 by 480 at 1.5x the
-        cost); van gogh with the bar's six erased 0.94 by 280, the same by 640 (a probe on 16 generations)."""
+        best by step 640 0.94 / 0.94 on the two slow ones (on seed 1's draw lr 0.2 / 0.5, 8 vectors, hflip, a
+        cosine schedule or the initializer "artwork" reached 0.25-0.69 by 320; batch 8 reached 1.0 by 480 at
+        1.5x the cost); van gogh with the bar's six erased 0.94 by 280, the same by 640 (a probe on 16 generations)."""
         return replace(cls(lr=3e-1, batch_size=4, num_vectors=5, steps=640,
                            snapshot_steps=tuple(range(0, 641, 40))), **overrides)
 
