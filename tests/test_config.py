@@ -29,6 +29,7 @@ def test_every_shipped_parameter_file_parses(name):
 @pytest.mark.parametrize("data, match", [
     ({"concepts": ["cat"], "epochs": 3}, "unknown key 'epochs'"),
     ({"concepts": ["cat"], "immunize": {"metods": ["mima"]}}, "unknown key 'immunize.metods'; did you mean 'methods'"),
+    ({"concepts": ["cat"], "grid": {"benign_steps": 100}}, "'grid.benign_steps' has moved to 'evaluate.benign_steps'"),
     ({"concepts": "cat"}, "concepts: expected a list"),
     ({"concepts": ["cat"], "seed": "zero"}, "seed: expected int"),
     ({"concepts": ["cat"], "seed": True}, "seed: expected int"),

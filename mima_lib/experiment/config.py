@@ -10,6 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
 
 from .concepts import Concept, ConceptDefinition, build_concepts
 from .dataclass_yaml import ConfigError
@@ -92,6 +93,7 @@ class EvaluateConfig:
 class GridSection:
     """The seed grid (mima_lib.experiment.grid): which step the paper's table reads, the stronger attackers,
     and the re-learning threshold. Each attack of attack.methods is one cell per seed; so is each variant."""
+    MOVED_KEYS: ClassVar[dict] = {"benign_steps": "evaluate.benign_steps"}  # it sets the notebooks' boat LoRA too
     report_step: int = field(default=40, metadata={"min": 1})  # the paper's tables: step 40 for every attack
     long_step: int | None = field(default=None, metadata={"min": 1})  # LoRA's long step; None: its last snapshot
     # stronger attackers, e.g. lora-lr3x, lora-rank16, dreambooth-lr2x (experiment/variants.py)

@@ -98,6 +98,9 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
     unknown = [k for k in data if k not in fields]
     if unknown:
         k = unknown[0]
+        moved = getattr(cls, "MOVED_KEYS", {})  # {old key: its new place}, for files written before a move
+        if k in moved:
+            raise ConfigError(f"'{prefix}{k}' has moved to '{moved[k]}'; write it there")
         close = difflib.get_close_matches(str(k), list(fields), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {sorted(fields)}"
         raise ConfigError(f"unknown key '{prefix}{k}'{hint}")
