@@ -4,9 +4,11 @@
     python scripts/erase_rows.py --rows bare                       # the reference code's: bare names only
     python scripts/erase_rows.py --rows bare+templates             # bare names, the two templates preserved
     python scripts/erase_rows.py --targets dog fish apple "tyler edlin" "kilian eng" "pablo picasso"
+    python scripts/erase_rows.py --targets "van gogh" "claude monet" --rows templated   # no template kept
 
 Erases the targets from the committed toy model as the erasure stage does (mima_lib.experiment.stages.erasure:
-'default' = erase.templated, the toy's default), then prints one JSON line: each target's oracle accuracy, every
+'default' = erase.templated and erase.keep_templates, the toy's defaults; 'templated' = without the kept
+templates), then prints one JSON line: each target's oracle accuracy, every
 other base concept whose accuracy changed (16 generations each, before and after), and how far the template
 words' K/V outputs moved (||dW r|| / ||W0 r||, the mean over the cross-attention K/V layers).
 """
@@ -46,7 +48,7 @@ def template_row_change(pipe, before: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", nargs="+", default=TARGETS)
-    ap.add_argument("--rows", choices=["default", "bare", "bare+templates"], default="default")
+    ap.add_argument("--rows", choices=["default", "templated", "bare", "bare+templates"], default="default")
     ap.add_argument("--n", type=int, default=16, help="generations per concept")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
@@ -58,7 +60,8 @@ def main() -> None:
     others = [c for c in world.BASE_OBJECTS + world.BASE_ARTISTS if c not in args.targets]
     base, _ = recognition(pipe, oracle, others, n=args.n)
     uce = uce_arguments(ExperimentConfig(concepts=args.targets,
-                                         erase=EraseConfig(templated=args.rows == "default")))
+                                         erase=EraseConfig(templated=args.rows in ("default", "templated"),
+                                                           keep_templates=args.rows == "default")))
     if args.rows == "bare+templates":
         uce["preserve_prompts"] = uce["preserve_prompts"] + list(world.TEMPLATE_PROMPTS.values())
     before = {n: m.weight.detach().clone() for n, m in pipe.unet.named_modules()

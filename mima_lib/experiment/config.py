@@ -53,6 +53,9 @@ class EraseConfig:
     # 'reference' rows: also erase each target's prompt ("a photo of a cat", every row after BOS) as well as
     # the bare name. None: on the toy only (experiment/stages/erasure.py says why)
     templated: bool | None = None
+    # 'reference' rows, default preserve list: also keep the toy template ("a photo of a") of each kind that
+    # no target belongs to. None: on the toy (experiment/stages/erasure.py says why); toy only
+    keep_templates: bool | None = None
 
 
 @dataclass
@@ -191,8 +194,12 @@ def erase_settings_used(cfg: ExperimentConfig) -> dict:
     reference code does: its text encoder is pretrained so that a bare name's states match the templated
     prompt's (mima_lib.toy.text), which the first toy model's did not (it needed lam 8 on every position)."""
     templated = cfg.erase.templated if cfg.erase.templated is not None else cfg.is_toy
+    keep = cfg.erase.keep_templates if cfg.erase.keep_templates is not None else cfg.is_toy
+    if keep and not cfg.is_toy:
+        raise ConfigError("erase.keep_templates: true keeps the toy world's templates; on this model list the "
+                          "prompts to keep under erase.preserve instead, or leave the key out")
     return {"lam": erase_lam(cfg), "token_positions": cfg.erase.token_positions or "reference",
-            "preserve_scale": cfg.erase.preserve_scale, "templated": templated}
+            "preserve_scale": cfg.erase.preserve_scale, "templated": templated, "keep_templates": keep}
 
 
 def erase_lam(cfg: ExperimentConfig) -> float:
