@@ -55,7 +55,9 @@
 #   target's prompt as the world writes it ("a photo of a cat"), paired with "" as the bare name is
 #   (`erase.templated`, on by default on the toy). With the bare names alone, the template words' rows, which
 #   lie largely inside the names' span, moved far and took other objects with them, or, with the templates
-#   preserved, cat kept 31% of its images. The settings this run uses are printed below
+#   preserved, cat kept 31% of its images. A kind with no target (artists only, say) keeps its template
+#   instead (`erase.keep_templates`, on by default on the toy): nothing else pins "a photo of a", and erasing
+#   van gogh and monet alone took 11 of the 12 objects with it. The settings this run uses are printed below
 #   (`mima_lib.experiment.config.erase_settings_used`).
 # - On the toy, *every other concept of the world* is preserved, and the oracle measures the erased concepts
 #   and the untargeted `utility_concepts` before and after.
