@@ -223,11 +223,29 @@ def immunize_config(cfg: ExperimentConfig, method: str):
     if icfg.outer_rows == "targets" and "protect_prompts" not in overrides:  # personalization: keep the classes
         classes = [cfg.concept(c).class_prompt for c in cfg.concepts]
         icfg.protect_prompts = list(dict.fromkeys(p for p in classes if p))
+    if cfg.is_toy and cfg.task == "personalization" and icfg.outer_rows == "targets":
+        _toy_personalization_contrast(cfg, icfg, overrides)
     try:
         icfg.validate()
     except ValueError as err:
         raise ConfigError(f"immunize ({method}): {err}") from None
     return icfg
+
+
+def _toy_personalization_contrast(cfg: ExperimentConfig, icfg, overrides: dict) -> None:
+    """The toy's personalization defaults: narrow the selective span (row_contrast 1) against the rows of every
+    other base concept. An instance's own rows start at `< new 1 >`, tokens the toy text encoder never saw, and
+    their span overlapped other concepts' names: with the prior's rows alone, MIMA on purple cat + spotted dog
+    left flower, tree, cup and van gogh blank (0%). With these rows every one of ten measured concepts kept 100%
+    and LoRA re-learned the instances to 6 / 0% at step 40 (no defense 44 / 88%; README, "The seed grid")."""
+    from ..toy import world
+
+    if "row_contrast" not in overrides:
+        icfg.row_contrast = 1.0
+    if "contrast_prompts" not in overrides:
+        mine = {cfg.concept(c).class_prompt for c in cfg.concepts} | {cfg.concept(c).prompt for c in cfg.concepts}
+        icfg.contrast_prompts = [p for p in (world.concept(n).prompt for n in world.BASE_OBJECTS + world.BASE_ARTISTS)
+                                 if p not in mine]
 
 
 def stage_settings(cfg: ExperimentConfig, *sections: str) -> dict:

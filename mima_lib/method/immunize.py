@@ -95,7 +95,8 @@ def immunize(pipe, concept_images: dict, reg_images=None, reg_prompt: str | None
         from .selective import limit_change, project_update, target_row_projector
         from .text_tokens import encode_prompt_tokens
 
-        P = target_row_projector(pipe, list(prob.prompts), [p for p in prob.reg_prompts if p],
+        kept = list(dict.fromkeys([p for p in prob.reg_prompts if p] + list(cfg.contrast_prompts)))
+        P = target_row_projector(pipe, list(prob.prompts), kept,
                                  protect_prompts=list(cfg.protect_prompts), contrast=cfg.row_contrast,
                                  rtol=cfg.row_rtol)
         P = P.to(unet.device)

@@ -59,6 +59,9 @@ class ImmunizeConfig:
     # energy of the kept (prior) prompts' rows (0: every owned row). What leaks onto untargeted prompts is what
     # their rows share with the targets'; the prior's rows show what every prompt carries (method/selective.py)
     row_contrast: float = 0.0
+    # with row_contrast > 0: more prompts whose rows count as kept in that contrast, besides the prior's (no loss
+    # on them). The toy's personalization default: every other base concept (experiment/config.immunize_config)
+    contrast_prompts: list[str] = field(default_factory=list)
     # with outer_rows='targets': directions of the targets' rows whose singular value is below this fraction of
     # the largest are left out of the span. A concept's rows are nearly rank one (name, EOS and padding agree);
     # the weak directions carry almost none of the targets' K/V but can be another concept's main one
@@ -151,6 +154,9 @@ class ImmunizeConfig:
                              f"a direction of the targets' rows is left out), got {self.row_rtol!r}")
         if not self.row_contrast >= 0:
             raise ValueError(f"row_contrast must be >= 0 (0: no narrowing), got {self.row_contrast!r}")
+        if self.contrast_prompts and not (self.outer_rows == "targets" and self.row_contrast > 0):
+            raise ValueError(f"contrast_prompts {list(self.contrast_prompts)[:3]}... act on the selective update's "
+                             "contrast only; set outer_rows: targets and row_contrast > 0, or leave them out")
         if self.outer_rows == "targets" and self.hypergrad == "hvp":
             raise ValueError("outer_rows='targets' is implemented for hypergrad='autograd' only")
         if self.concept_reduction not in ("mean", "sum"):
