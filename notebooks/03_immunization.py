@@ -93,7 +93,10 @@
 # targets own, $W \leftarrow W_0 + (W - W_0)P$, so the empty prompt (classifier-free guidance's unconditional
 # branch) and the shared "a photo of a" prefix are read exactly as before, and other prompts nearly so. In
 # personalization the rows of each instance's class ("a photo of a cat" for "a photo of <new1> cat") are taken
-# out of $P$ too (`protect_prompts`): the instance is protected, and its class stays drawable.
+# out of $P$ too (`protect_prompts`): the instance is protected, and its class stays drawable. On the toy,
+# personalization also narrows $P$ to the directions at least as strong in the instances' rows as in every other
+# base concept's (`row_contrast: 1`, `contrast_prompts`): the instances' own rows begin with `< new 1 >`, tokens the
+# toy text encoder never saw, and without this their span took flower, tree, cup and van gogh with it.
 #
 # "Nearly so" has a size. An untargeted prompt's rows $c$ change by $(W - W_0)Pc$: their overlap with the targets'
 # span times how far the targets' keys and values moved. On the toy's 128-d text states the overlap is about what

@@ -169,6 +169,9 @@ def test_kv_budget_holds_in_a_real_run_and_is_logged(toy_pipe_factory):
 def test_protect_prompts_need_the_selective_update():
     with pytest.raises(ValueError, match="outer_rows: targets"):
         ImmunizeConfig(protect_prompts=["a photo of a cat"]).validate()
+    with pytest.raises(ValueError, match="contrast_prompts.*row_contrast > 0"):  # no contrast: they would do nothing
+        ImmunizeConfig.toy(contrast_prompts=["a photo of a cup"]).validate()
+    ImmunizeConfig.toy(contrast_prompts=["a photo of a cup"], row_contrast=1.0).validate()
 
 
 def test_personalization_protects_the_instance_and_leaves_its_class_exact(toy_pipe_factory):
