@@ -50,3 +50,39 @@ def sd_shaped(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sd_shaped")
     return {"model": save_pipeline(root / "sd14_shaped"), "evaluators": save_evaluators(root / "eval")}
+
+
+@pytest.fixture
+def mima_then_lora(tmp_path):
+    """Run a parameter file's stages (data, erasure when the task has it, MIMA, the LoRA attack, the report) in
+    tmp_path; return (cfg, run_dir, target accuracy at ``step`` per model and concept, utility per concept and
+    model) as the oracle reads them."""
+    def run(params: dict, step: int):
+        import yaml
+
+        from mima_lib.evaluation.metrics import read_table
+        from mima_lib.experiment import stages
+        from mima_lib.experiment.config import run_dir_for
+        from mima_lib.experiment.loading import load_experiment
+        from mima_lib.toy.oracle import load_toy_oracle
+
+        torch.set_num_threads(1)
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(params))
+        cfg = load_experiment(path)
+        run_dir = run_dir_for(cfg, tmp_path / "runs")
+        stages.make_data(cfg, run_dir)
+        stages.erase(cfg, run_dir)  # nothing to do in personalization
+        stages.immunize(cfg, run_dir)
+        res = stages.attack(cfg, run_dir)
+        report = stages.report(cfg, run_dir)
+        oracle = load_toy_oracle()
+        acc = {m: {c: oracle.accuracy(res.snapshots[(m, c, "lora", 0)][step], c) for c in cfg.concepts}
+               for m in ("no defense", "mima")}
+        util = {}
+        for row in read_table(report.folder / "utility.csv"):
+            util.setdefault(row["concept"], {})[row["model"]] = float(row["oracle_accuracy"])
+        print(f"\ntarget accuracy at LoRA step {step}: {acc}\nutility: {util}")
+        return cfg, run_dir, acc, util
+
+    return run

@@ -9,12 +9,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from mima_lib.evaluation.metrics import read_table  # noqa: E402
-from mima_lib.experiment import stages  # noqa: E402
-from mima_lib.experiment.config import immunize_config, run_dir_for  # noqa: E402
+from mima_lib.experiment.config import immunize_config  # noqa: E402
 from mima_lib.experiment.loading import load_experiment  # noqa: E402
 from mima_lib.toy import world  # noqa: E402
 from mima_lib.toy.model import TOY_MODEL  # noqa: E402
@@ -51,30 +48,12 @@ def test_the_toy_personalization_defaults_narrow_against_every_other_concept(tmp
 
 
 @pytest.mark.skipif(not (TOY_MODEL / "model_index.json").exists(), reason="the trained toy model is not built yet")
-def test_mima_on_two_instances_spares_the_other_concepts(tmp_path):
+def test_mima_on_two_instances_spares_the_other_concepts(mima_then_lora):
     """Measured (seed 0, 2026-12-06, scripts not committed; README, "The seed grid"): before the contrast,
     flower / tree / cup / van gogh 0% after MIMA; with it, all ten measured concepts 100% and LoRA at step 40
     6 / 0% on the instances (no defense 44 / 88%, 16 generations). Bounds: each untargeted concept within 25
     points of the unimmunized model (n = 8: one image is 12.5 points); the instances' mean <= 30% at step 40."""
-    torch.set_num_threads(1)
-    path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump(PARAMS))
-    cfg = load_experiment(path)
-    run_dir = run_dir_for(cfg, tmp_path / "runs")
-    stages.make_data(cfg, run_dir)
-    stages.immunize(cfg, run_dir)
-    res = stages.attack(cfg, run_dir)
-    report = stages.report(cfg, run_dir)
-
-    from mima_lib.toy.oracle import load_toy_oracle
-
-    oracle = load_toy_oracle()
-    acc = {m: {c: oracle.accuracy(res.snapshots[(m, c, "lora", 0)][STEP], c) for c in TARGETS}
-           for m in ("no defense", "mima")}
-    util = {}
-    for row in read_table(report.folder / "utility.csv"):
-        util.setdefault(row["concept"], {})[row["model"]] = float(row["oracle_accuracy"])
-    print(f"\ninstance accuracy at LoRA step {STEP}: {acc}\nutility: {util}")
+    _, _, acc, util = mima_then_lora(PARAMS, STEP)
     for c in OTHERS:
         assert abs(util[c]["mima"] - util[c]["no defense"]) <= 0.25, (c, util[c])
     assert sum(acc["mima"].values()) / len(TARGETS) <= 0.3, acc

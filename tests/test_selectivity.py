@@ -7,13 +7,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
 
-from mima_lib.evaluation.metrics import read_table  # noqa: E402
-from mima_lib.experiment import stages  # noqa: E402
-from mima_lib.experiment.config import run_dir_for  # noqa: E402
-from mima_lib.experiment.loading import load_experiment  # noqa: E402
 from mima_lib.toy.model import TOY_MODEL  # noqa: E402
 
 TARGETS = ["cat", "van gogh"]
@@ -35,7 +29,7 @@ PARAMS = {
 
 
 @pytest.mark.skipif(not (TOY_MODEL / "model_index.json").exists(), reason="the trained toy model is not built yet")
-def test_mima_on_two_concepts_resists_lora_and_spares_the_others(tmp_path):
+def test_mima_on_two_concepts_resists_lora_and_spares_the_others(mima_then_lora):
     """Measured on v4 (seed 0, one torch thread, 2026-12-06): at LoRA step 40 cat 0% / van gogh 0% on the
     immunized model against 88% / 88% without immunization; dog and claude monet 100% on both models; embedding
     cosine of the untargeted generations, erased vs immunized, lowest 0.99999 (v2, 2026-12-04: 0% / 12%, lowest
@@ -44,26 +38,10 @@ def test_mima_on_two_concepts_resists_lora_and_spares_the_others(tmp_path):
     Bounds: the targets' mean <= 30% (issue #14's bar) while the attack re-learns them on the erased model
     (>= 60% on average); each untargeted concept within 25 points of the erased model (n = 8, half the
     bar's 16: one image is 12.5 points); every untargeted pair's cosine >= SAME_IMAGE_COSINE."""
-    torch.set_num_threads(1)
-    path = tmp_path / "selectivity.yaml"
-    path.write_text(yaml.safe_dump(PARAMS))
-    cfg = load_experiment(path)
-    run_dir = run_dir_for(cfg, tmp_path / "runs")
-    stages.make_data(cfg, run_dir)
-    stages.erase(cfg, run_dir)
-    stages.immunize(cfg, run_dir)
-    res = stages.attack(cfg, run_dir)
-    report = stages.report(cfg, run_dir)
-
+    cfg, run_dir, acc, util = mima_then_lora(PARAMS, STEP)
     from mima_lib.toy.oracle import load_toy_oracle
 
     oracle = load_toy_oracle()
-    acc = {m: {c: oracle.accuracy(res.snapshots[(m, c, "lora", 0)][STEP], c) for c in TARGETS}
-           for m in ("no defense", "mima")}
-    util = {}
-    for row in read_table(report.folder / "utility.csv"):
-        util.setdefault(row["concept"], {})[row["model"]] = float(row["oracle_accuracy"])
-    print(f"\ntarget accuracy at LoRA step {STEP}: {acc}\nutility: {util}")
     mean = {m: sum(v.values()) / len(v) for m, v in acc.items()}
     assert mean["no defense"] >= 0.6, acc  # the attack works: the protection is what holds it back
     assert mean["mima"] <= 0.3, acc
