@@ -65,7 +65,8 @@ def test_the_toy_also_erases_the_templated_prompts():
     off = uce_arguments(ExperimentConfig(concepts=["van gogh"], erase=EraseConfig(keep_templates=False)))
     assert not set(toyworld.TEMPLATE_PROMPTS.values()) & set(off["preserve_prompts"])
     with pytest.raises(ConfigError, match="keep_templates.*erase.preserve"):  # the toy's templates only
-        erase_settings_used(ExperimentConfig(model="runs/my-sd", concepts=["x"], erase=EraseConfig(keep_templates=True)))
+        erase_settings_used(ExperimentConfig(model="runs/my-sd", concepts=["x"],
+                                             erase=EraseConfig(keep_templates=True)))
     mine = uce_arguments(ExperimentConfig(concepts=["van gogh"], erase=EraseConfig(preserve=["cup"])))
     assert mine["preserve_prompts"] == ["", "cup"]  # a preserve list of one's own is taken as written
     plain = uce_arguments(ExperimentConfig(concepts=["cat", "van gogh"], erase=EraseConfig(templated=False)))

@@ -40,9 +40,9 @@ def test_the_toy_personalization_defaults_narrow_against_every_other_concept(tmp
     assert icfg.row_contrast == 1.0 and icfg.protect_prompts == ["a photo of a cat", "a photo of a dog"]
     others = [world.concept(c).prompt for c in world.BASE_OBJECTS + world.BASE_ARTISTS if c not in ("cat", "dog")]
     assert icfg.contrast_prompts == others  # the classes are protected instead
-    mine = load_experiment(path, ["immunize.settings={row_contrast: 0.5, contrast_prompts: [a photo of a cup]}"])
-    assert (immunize_config(mine, "mima").row_contrast, immunize_config(mine, "mima").contrast_prompts) == (
-        0.5, ["a photo of a cup"])  # a file's own values are kept
+    mine = immunize_config(load_experiment(
+        path, ["immunize.settings={row_contrast: 0.5, contrast_prompts: [a photo of a cup]}"]), "mima")
+    assert (mine.row_contrast, mine.contrast_prompts) == (0.5, ["a photo of a cup"])  # a file's own values are kept
     relearn = load_experiment(path, ["task=relearning", "concepts=[cat, van gogh]", "erase.enabled=true"])
     assert immunize_config(relearn, "mima").contrast_prompts == []  # the re-learning defaults are unchanged
 

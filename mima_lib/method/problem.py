@@ -155,7 +155,7 @@ class ImmunizeConfig:
         if not self.row_contrast >= 0:
             raise ValueError(f"row_contrast must be >= 0 (0: no narrowing), got {self.row_contrast!r}")
         if self.contrast_prompts and not (self.outer_rows == "targets" and self.row_contrast > 0):
-            raise ValueError(f"contrast_prompts {list(self.contrast_prompts)[:3]}... act on the selective update's "
+            raise ValueError(f"contrast_prompts ({len(self.contrast_prompts)}) act on the selective update's "
                              "contrast only; set outer_rows: targets and row_contrast > 0, or leave them out")
         if self.outer_rows == "targets" and self.hypergrad == "hvp":
             raise ValueError("outer_rows='targets' is implemented for hypergrad='autograd' only")
